@@ -1,0 +1,287 @@
+"""The mount daemon: one process per mounted volume.
+
+Lifecycle: open the store, take the volume lock (one read-write user at a
+time), free orphans a crashed predecessor left, mount, tell the waiting
+``cowfs mount`` that the mount is usable, serve until unmounted, flush,
+release the lock.
+
+A registry file per mount (``/run/cowfs/<dev>.json``, keyed by the mount's
+device number from /proc/self/mountinfo) lets ``cowfs umount MOUNTPOINT``
+find the daemon without knowing the store, and learn whether the final
+flush succeeded. Reading mountinfo never sends a request to a FUSE daemon,
+so a hung daemon cannot hang ``umount``.
+"""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from typing import Optional
+
+import pyfuse3
+import trio
+
+from . import volumes
+from .errors import BusyError, CowfsError, NotFoundError, StoreIOError, UsageError
+from .filesystem import Filesystem
+from .fuse_ops import FuseOps
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMMIT_INTERVAL_S = 5.0
+FUSE_TYPE = "fuse.cowfs"
+
+
+# --- mount table and registry ---------------------------------------------------------
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def find_mount(mountpoint: str) -> Optional[dict]:
+    """The mountinfo entry of a mount point (the last one, if stacked), or None."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if _unescape(fields[4]) == mountpoint:
+                found = dict(dev=fields[2], mountpoint=mountpoint, fstype=rfields[0],
+                             source=_unescape(rfields[1]))
+    return found
+
+
+def registry_dir() -> str:
+    base = "/run" if os.access("/run", os.W_OK) else (os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
+    path = os.path.join(base, "cowfs" if base == "/run" else f"cowfs-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def registry_path(dev: str) -> str:
+    return os.path.join(registry_dir(), dev.replace(":", "_") + ".json")
+
+
+def read_registry(dev: str) -> Optional[dict]:
+    try:
+        with open(registry_path(dev)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_registry(dev: str, info: dict) -> None:
+    tmp = registry_path(dev) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, registry_path(dev))
+
+
+# --- checks before mounting --------------------------------------------------------------
+
+def check_mountpoint(mountpoint: str) -> str:
+    mnt = os.path.abspath(mountpoint)
+    if not os.path.exists(mnt):
+        raise NotFoundError(f"mountpoint {mnt} does not exist; create it with 'mkdir -p {mnt}'")
+    if not os.path.isdir(mnt):
+        raise UsageError(f"mountpoint {mnt} is not a directory")
+    if find_mount(mnt) is not None:
+        raise BusyError(f"{mnt} is already a mount point; unmount it first or pick another directory")
+    return mnt
+
+
+# --- serving ------------------------------------------------------------------------------
+
+async def _periodic_flush(fs: Filesystem, interval_s: float) -> None:
+    """Bound what a daemon crash can lose without fsync, like a page cache."""
+    while True:
+        await trio.sleep(interval_s)
+        try:
+            fs.flush_all()
+        except Exception:
+            # Rule 3: the data stays buffered; the next fsync retries and
+            # reports the failure to its caller.
+            log.exception("background flush failed; data stays buffered")
+
+
+async def _unmount_on_signal(mountpoint: str) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting %s", signum, mountpoint)
+            # A plain unmount lets the kernel write back its dirty pages to us
+            # first; while we await it, this loop keeps serving them.
+            result = await trio.run_process(["fusermount3", "-u", mountpoint], check=False,
+                                            capture_stderr=True)
+            if result.returncode != 0:
+                log.warning("unmount failed (%s); detaching lazily",
+                            result.stderr.decode(errors="replace").strip())
+                await trio.run_process(["fusermount3", "-u", "-z", mountpoint], check=False)
+
+
+async def _serve(fs: Filesystem, mountpoint: str, commit_interval_s: float) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_periodic_flush, fs, commit_interval_s)
+        nursery.start_soon(_unmount_on_signal, mountpoint)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def _mount_options(volume: str, read_only: bool) -> set:
+    options = set(pyfuse3.default_options)           # default_permissions
+    options |= {f"fsname=cowfs:{volume}", "subtype=cowfs", "allow_other", "noatime"}
+    if read_only:
+        options.add("ro")
+    return options
+
+
+class _Ready:
+    """Tells the `cowfs mount` that started us how mounting went."""
+
+    def __init__(self, fd: Optional[int]):
+        self._fd = fd
+
+    def send(self, text: str) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, text.encode() + b"\n")
+            os.close(self._fd)
+        except OSError:
+            pass
+        self._fd = None
+
+
+def run(store_path: str, mountpoint: str, volume: str, ready_fd: Optional[int] = None,
+        commit_interval_s: float = DEFAULT_COMMIT_INTERVAL_S) -> int:
+    """Mount and serve until unmounted; returns the process exit code."""
+    ready = _Ready(ready_fd)
+    try:
+        store, lock, fs, mnt = _prepare(store_path, mountpoint, volume)
+    except CowfsError as exc:
+        ready.send(f"ERR {exc.exit_code} {exc}")
+        log.error("%s", exc)
+        return exc.exit_code
+    status = 0
+    try:
+        try:
+            pyfuse3.init(FuseOps(fs), mnt, _mount_options(volume, fs.read_only))
+        except RuntimeError as exc:
+            raise BusyError(f"mounting {mnt} failed ({exc}); is /dev/fuse usable?") from exc
+        dev = find_mount(mnt)["dev"]
+        _write_registry(dev, dict(pid=os.getpid(), store=store.path, volume=volume,
+                                  mountpoint=mnt, status="mounted"))
+        ready.send("OK")
+        log.info("volume %s of %s mounted at %s (pid %d)", volume, store.path, mnt, os.getpid())
+        status = _serve_until_unmounted(fs, mnt, dev, commit_interval_s)
+    except CowfsError as exc:
+        ready.send(f"ERR {exc.exit_code} {exc}")
+        log.error("%s", exc)
+        status = exc.exit_code
+    finally:
+        lock.release()
+        store.close()
+    return status
+
+
+def _prepare(store_path: str, mountpoint: str, volume: str):
+    volumes.check_name(volume)
+    store = Store.open(store_path)
+    try:
+        mnt = check_mountpoint(mountpoint)
+        with store.env.begin() as txn:
+            vol_id = volumes.volume_id(txn, store.env, volume)
+        lock = store.lock_volume(vol_id, volume, f"mounted at {mnt}")
+    except BaseException:
+        store.close()
+        raise
+    try:
+        fs = Filesystem(store, vol_id)
+        fs.recover_orphans()
+    except BaseException:
+        lock.release()
+        store.close()
+        raise
+    return store, lock, fs, mnt
+
+
+def _serve_until_unmounted(fs: Filesystem, mnt: str, dev: str, commit_interval_s: float) -> int:
+    unmounted = False
+    try:
+        trio.run(_serve, fs, mnt, commit_interval_s)
+        unmounted = True
+    finally:
+        error = _final_flush(fs)
+        pyfuse3.close(unmount=not unmounted)
+        if error is None:
+            try:
+                os.unlink(registry_path(dev))
+            except OSError:
+                pass
+        else:
+            _write_registry(dev, dict(pid=os.getpid(), mountpoint=mnt, status="error", error=error))
+    return 0 if error is None else StoreIOError.exit_code
+
+
+def _final_flush(fs: Filesystem) -> Optional[str]:
+    try:
+        fs.flush_all()
+        return None
+    except Exception as exc:
+        log.exception("final flush failed: buffered writes were NOT saved")
+        return f"final flush failed, buffered writes were not saved: {exc}"
+
+
+# --- unmounting (called by the CLI) --------------------------------------------------------
+
+def unmount(mountpoint: str, timeout_s: float = 600.0) -> None:
+    mnt = os.path.abspath(mountpoint)
+    entry = find_mount(mnt)
+    if entry is None:
+        raise NotFoundError(f"{mnt} is not mounted")
+    if entry["fstype"] != FUSE_TYPE:
+        raise UsageError(f"{mnt} is not a cowfs mount (it is {entry['fstype']})")
+    info = read_registry(entry["dev"])
+    result = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = result.stderr.strip()
+        if "busy" in detail.lower():
+            raise BusyError(f"{mnt} is busy; stop the processes using it (see 'fuser -vm {mnt}') "
+                            "and try again")
+        raise CowfsError(f"unmounting {mnt} failed: {detail}")
+    if info is not None:
+        _wait_for_exit(info["pid"], timeout_s, mnt)
+        final = read_registry(entry["dev"])
+        if final is not None and final.get("status") == "error":
+            os.unlink(registry_path(entry["dev"]))
+            raise StoreIOError(f"{mnt}: {final.get('error')}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_for_exit(pid: int, timeout_s: float, mnt: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            raise BusyError(f"the daemon of {mnt} (pid {pid}) is still flushing after {timeout_s:.0f} s; "
+                            "it keeps going, check its log")
+        time.sleep(0.02)

@@ -1,0 +1,675 @@
+"""POSIX filesystem logic of one mounted volume, on inode numbers and bytes.
+
+No pyfuse3 here: `fuse_ops` adapts these methods to FUSE. Every method is
+synchronous, so each runs atomically with respect to other trio tasks.
+Developer rule: do not add an ``await`` (or a thread hop) inside a method of
+this class. The write path relies on the chunk buffers not changing between
+staging them and clearing them after the commit.
+
+State model
+-----------
+The in-memory `Inode` is the truth for the mounted head of the volume; the
+catalog holds what was last committed. Data writes and time/mode changes only
+touch memory (``dirty``); namespace operations (create, link, unlink, rename,
+rmdir, truncate, xattrs) commit at once. Any commit that writes an inode
+record also writes that inode's buffered chunks in the same transaction, so a
+committed size never exposes bytes that were not committed with it.
+
+Durability (DESIGN rules, cited in code by number):
+ 1. chunk bytes are synced in their pack before the LMDB commit naming them;
+ 2. fsync/fdatasync/fsyncdir return after one commit covering every
+    buffered write of the volume (group commit: one pack sync + one LMDB
+    commit for all files) -- namespace operations are already committed;
+ 3. a failed flush raises to the fsync caller and leaves the data buffered
+    (dirty), so a later fsync retries it rather than reporting a false success;
+ 6. nothing is committed that refers to bytes not yet durable.
+"""
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import time
+from typing import Iterable, Optional
+
+from . import catalog, schema, volumes
+from .chunks import ChunkBatch, is_zero
+from .errors import FsError
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+NAME_MAX_BYTES = 255
+XATTR_VALUE_MAX_BYTES = 64 * 1024
+DIRTY_LIMIT_BYTES = 64 << 20        # flush when buffered chunks exceed this
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class Inode:
+    __slots__ = ("ino", "attrs", "target", "lookups", "opens", "dirty", "attrs_dirty", "purged")
+
+    def __init__(self, ino: int, attrs: dict, target: bytes = b""):
+        self.ino = ino
+        self.attrs = attrs
+        self.target = target               # symlink target
+        self.lookups = 0                   # kernel references (lookup/forget)
+        self.opens = 0                     # open file handles
+        self.dirty: dict[int, bytearray] = {}   # chunk_index -> full-size chunk buffer
+        self.attrs_dirty = False
+        self.purged = False                # records deleted; only kernel references remain
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.attrs["mode"])
+
+
+class _Change:
+    """One namespace transaction: pending attribute copies, applied after commit."""
+
+    def __init__(self, fs: "Filesystem", txn, batch: ChunkBatch, flushing: set[int]):
+        self.fs = fs
+        self.txn = txn
+        self.batch = batch
+        self.flushing = flushing
+        self.pending: dict[int, tuple[Inode, dict]] = {}
+        self.created: list[Inode] = []
+        self.purged: list[Inode] = []
+
+    def attrs(self, inode: Inode) -> dict:
+        """The pending attributes of an inode; changes apply after the commit."""
+        if inode.ino not in self.flushing:
+            raise AssertionError(f"inode {inode.ino} changed without flushing its buffers")
+        if inode.ino not in self.pending:
+            self.pending[inode.ino] = (inode, dict(inode.attrs))
+        return self.pending[inode.ino][1]
+
+    def create(self, ino: int, attrs: dict, target: bytes = b"") -> Inode:
+        inode = Inode(ino, attrs, target)
+        self.created.append(inode)
+        self.fs._put_inode_record(self.txn, ino, attrs, target)
+        return inode
+
+    def put(self, kind: bytes, record_key: bytes, payload: bytes) -> None:
+        catalog.put(self.txn, self.fs.env, self.fs.chain, kind, record_key, payload)
+
+    def delete(self, kind: bytes, record_key: bytes) -> Optional[bytes]:
+        return catalog.delete(self.txn, self.fs.env, self.fs.chain, kind, record_key)
+
+    def purge(self, inode: Inode) -> None:
+        """Delete every record of an inode (its last link and last open are gone)."""
+        fs, txn = self.fs, self.txn
+        ino_key = schema.inode_key(inode.ino)
+        for record_key, _ in catalog.scan(txn, fs.env, fs.chain, schema.KIND_CHUNK, ino_key):
+            old = self.delete(schema.KIND_CHUNK, record_key)
+            if old is not None:
+                self.batch.unref(old)
+        for record_key, _ in catalog.scan(txn, fs.env, fs.chain, schema.KIND_XATTR, ino_key):
+            self.delete(schema.KIND_XATTR, record_key)
+        self.delete(schema.KIND_INODE, ino_key)
+        txn.delete(schema.orphan_key(fs.vol_id, inode.ino), db=fs.env.orphans)
+        self.purged.append(inode)
+
+
+class Filesystem:
+    def __init__(self, store: Store, vol_id: int, read_only: bool = False,
+                 as_of_gen: Optional[int] = None):
+        self.store = store
+        self.env = store.env
+        self.chunk_size = store.chunk_size
+        self.vol_id = vol_id
+        self.read_only = read_only
+        with self.env.begin() as txn:
+            self.chain = catalog.volume_chain(txn, self.env, vol_id, as_of_gen)
+        self.inodes: dict[int, Inode] = {}
+        self.dirty_inos: set[int] = set()
+        self.dirty_bytes = 0
+        self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_dir_fh = 1
+
+    # --- loading -----------------------------------------------------------------
+
+    def get(self, ino: int, txn=None) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            return inode
+        with contextlib.ExitStack() as stack:
+            if txn is None:
+                txn = stack.enter_context(self.env.begin())
+            raw = catalog.get(txn, self.env, self.chain, schema.KIND_INODE, schema.inode_key(ino))
+        if raw is None:
+            raise FsError(errno.ENOENT, f"inode {ino}")
+        attrs, target = schema.unpack_inode(raw)
+        inode = Inode(ino, attrs, target)
+        self.inodes[ino] = inode
+        return inode
+
+    def _child_ino(self, txn, parent: Inode, name: bytes) -> Optional[int]:
+        raw = catalog.get(txn, self.env, self.chain, schema.KIND_DENTRY,
+                          schema.dentry_key(parent.ino, name))
+        return None if raw is None else schema.read_u64(raw)
+
+    def _maybe_evict(self, inode: Inode) -> None:
+        if (inode.lookups <= 0 and inode.opens <= 0 and inode.ino not in self.dirty_inos
+                and inode.ino != schema.ROOT_INO):
+            self.inodes.pop(inode.ino, None)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise FsError(errno.EROFS, "snapshot mounts are read-only")
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > NAME_MAX_BYTES:
+            raise FsError(errno.ENAMETOOLONG, name[:40].decode(errors="replace"))
+
+    def _dir(self, ino: int) -> Inode:
+        inode = self.get(ino)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR, f"inode {ino}")
+        return inode
+
+    # --- commits -------------------------------------------------------------------
+
+    def _put_inode_record(self, txn, ino: int, attrs: dict, target: bytes) -> None:
+        catalog.put(txn, self.env, self.chain, schema.KIND_INODE, schema.inode_key(ino),
+                    schema.pack_inode(attrs, target))
+
+    def _stage(self, inodes: Iterable[Inode], batch: ChunkBatch) -> list[tuple[Inode, dict]]:
+        """Append buffered chunks of `inodes` to the pack: {chunk_index: chunk_id | None}."""
+        staged = []
+        for inode in inodes:
+            size = inode.attrs["size"]
+            chunk_ids = {}
+            for idx, buf in inode.dirty.items():
+                length = min(self.chunk_size, size - idx * self.chunk_size)
+                data = bytes(buf[:max(length, 0)])
+                chunk_ids[idx] = None if is_zero(data) else batch.add(data)
+            staged.append((inode, chunk_ids))
+        return staged
+
+    def _write_chunk_map(self, txn, batch: ChunkBatch, ino: int, chunk_ids: dict) -> None:
+        for idx, chunk_id in chunk_ids.items():
+            key = schema.chunk_key(ino, idx)
+            if chunk_id is None:   # a hole: all-zero chunks are not stored
+                old = catalog.delete(txn, self.env, self.chain, schema.KIND_CHUNK, key)
+            else:
+                old = catalog.put(txn, self.env, self.chain, schema.KIND_CHUNK, key, chunk_id)
+                batch.ref(chunk_id)
+            if old is not None:
+                batch.unref(old)
+
+    @contextlib.contextmanager
+    def _change(self, flush: Iterable[Inode] = (), extra_chunks: Iterable = ()):
+        """A committed change that also writes the buffers of `flush` inodes.
+
+        extra_chunks: (inode, chunk_index, bytes) to store in the same commit.
+        """
+        self._check_writable()
+        flush = list({inode.ino: inode for inode in flush}.values())
+        batch = self.store.chunks.batch()
+        staged = self._stage(flush, batch)
+        extra = {}
+        for inode, idx, data in extra_chunks:
+            extra.setdefault(inode.ino, (inode, {}))[1][idx] = None if is_zero(data) else batch.add(data)
+        batch.sync()                                    # rule 1
+        with self.env.begin(write=True) as txn:
+            change = _Change(self, txn, batch, {inode.ino for inode in flush})
+            yield change
+            self._finish_change(txn, batch, change, staged, extra)
+            batch.apply(txn)
+        # committed (rule 2): now memory may follow
+        self._after_commit(change, staged)
+
+    def _finish_change(self, txn, batch, change: _Change, staged, extra) -> None:
+        purged = {inode.ino for inode in change.purged}
+        for inode, chunk_ids in staged:
+            if inode.ino not in purged:
+                self._write_chunk_map(txn, batch, inode.ino, chunk_ids)
+        for ino, (inode, chunk_ids) in extra.items():
+            if ino not in purged:
+                self._write_chunk_map(txn, batch, ino, chunk_ids)
+        for inode, _ in staged:
+            if inode.ino not in purged and inode.ino not in change.pending and not inode.purged:
+                self._put_inode_record(txn, inode.ino, inode.attrs, inode.target)
+        for ino, (inode, attrs) in change.pending.items():
+            if ino not in purged:
+                self._put_inode_record(txn, ino, attrs, inode.target)
+
+    def _after_commit(self, change: _Change, staged) -> None:
+        for inode, attrs in change.pending.values():
+            inode.attrs = attrs
+        for inode in change.created:
+            self.inodes[inode.ino] = inode
+        for inode, _ in staged:
+            self.dirty_bytes -= len(inode.dirty) * self.chunk_size
+            inode.dirty.clear()
+            inode.attrs_dirty = False
+            self.dirty_inos.discard(inode.ino)
+        for inode in change.purged:
+            inode.purged = True
+            self.dirty_bytes -= len(inode.dirty) * self.chunk_size
+            inode.dirty.clear()
+            self.dirty_inos.discard(inode.ino)
+        for inode, _ in staged:
+            self._maybe_evict(inode)
+
+    def flush_all(self) -> None:
+        """Commit every buffered write of the volume (group commit, rule 2)."""
+        if not self.dirty_inos:
+            return
+        with self._change(flush=[self.inodes[ino] for ino in self.dirty_inos]):
+            pass
+
+    def fsync(self, ino: int) -> None:
+        # Rule 2 and 3: returns only after the commit; a failure raises to
+        # the caller and the buffers stay dirty for the next attempt.
+        self.flush_all()
+
+    # --- attributes ------------------------------------------------------------------
+
+    def lookup(self, parent_ino: int, name: bytes) -> Inode:
+        self._check_name(name)
+        parent = self._dir(parent_ino)
+        with self.env.begin() as txn:
+            child_ino = self._child_ino(txn, parent, name)
+            if child_ino is None:
+                raise FsError(errno.ENOENT, name.decode(errors="replace"))
+            inode = self.get(child_ino, txn)
+        inode.lookups += 1
+        return inode
+
+    def remember(self, inode: Inode) -> None:
+        """The kernel took a reference (readdirplus entry)."""
+        inode.lookups += 1
+
+    def forget(self, ino: int, count: int) -> None:
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            inode.lookups -= count
+            self._maybe_evict(inode)
+
+    def setattr(self, ino: int, mode=None, uid=None, gid=None, size=None,
+                atime_ns=None, mtime_ns=None) -> Inode:
+        self._check_writable()
+        inode = self.get(ino)
+        if size is not None and size != inode.attrs["size"]:
+            if inode.is_dir:
+                raise FsError(errno.EISDIR, f"inode {ino}")
+            self._truncate(inode, size)
+        now_ns = time.time_ns()
+        changes = dict(mode=None if mode is None else (inode.attrs["mode"] & ~0o7777) | (mode & 0o7777),
+                       uid=uid, gid=gid, atime_ns=atime_ns, mtime_ns=mtime_ns)
+        changed = False
+        for field, value in changes.items():
+            if value is not None:
+                inode.attrs[field] = value
+                changed = True
+        if changed:
+            inode.attrs["ctime_ns"] = now_ns
+            self._mark_dirty(inode)
+        return inode
+
+    def _mark_dirty(self, inode: Inode) -> None:
+        inode.attrs_dirty = True
+        self.dirty_inos.add(inode.ino)
+
+    def _truncate(self, inode: Inode, new_size: int) -> None:
+        """Change the size; committed at once, together with the inode's buffers."""
+        cs = self.chunk_size
+        self._flush_inode(inode)      # no buffered chunk may outlive the cut
+        old_size = inode.attrs["size"]
+        extra = []
+        if new_size < old_size and new_size % cs:
+            # Bytes beyond the size must read as zeros if the file grows again.
+            idx = new_size // cs
+            extra.append((inode, idx, self._chunk_bytes(inode, idx)[: new_size % cs]))
+        with self._change(flush=[inode], extra_chunks=extra) as ch:
+            if new_size < old_size:
+                self._drop_chunks_from(ch, inode, -(-new_size // cs))
+            attrs = ch.attrs(inode)
+            attrs["size"] = new_size
+            attrs["mtime_ns"] = attrs["ctime_ns"] = time.time_ns()
+
+    def _flush_inode(self, inode: Inode) -> None:
+        if inode.ino in self.dirty_inos:
+            with self._change(flush=[inode]):
+                pass
+
+    def _drop_chunks_from(self, ch: _Change, inode: Inode, first_index: int) -> None:
+        start = schema.chunk_key(inode.ino, first_index)
+        for record_key, _ in catalog.scan(ch.txn, self.env, self.chain, schema.KIND_CHUNK,
+                                          schema.inode_key(inode.ino), start_key=start):
+            old = ch.delete(schema.KIND_CHUNK, record_key)
+            if old is not None:
+                ch.batch.unref(old)
+
+    # --- data ----------------------------------------------------------------------------
+
+    def _stored_chunk(self, txn, ino: int, idx: int) -> bytes:
+        chunk_id = catalog.get(txn, self.env, self.chain, schema.KIND_CHUNK, schema.chunk_key(ino, idx))
+        if chunk_id is None:
+            return b""
+        return self.store.chunks.read(txn, chunk_id)
+
+    def _chunk_bytes(self, inode: Inode, idx: int) -> bytes:
+        buf = inode.dirty.get(idx)
+        if buf is not None:
+            return bytes(buf)
+        with self.env.begin() as txn:
+            return self._stored_chunk(txn, inode.ino, idx)
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        inode = self.get(ino)
+        cs = self.chunk_size
+        end = min(offset + size, inode.attrs["size"])
+        if offset >= end:
+            return b""
+        parts = []
+        with self.env.begin() as txn:
+            for idx in range(offset // cs, (end - 1) // cs + 1):
+                base = idx * cs
+                buf = inode.dirty.get(idx)
+                data = buf if buf is not None else self._stored_chunk(txn, ino, idx)
+                lo, hi = max(offset, base) - base, min(end, base + cs) - base
+                piece = bytes(data[lo:hi])
+                if len(piece) < hi - lo:      # short chunk or hole: zeros
+                    piece += bytes(hi - lo - len(piece))
+                parts.append(piece)
+        return b"".join(parts)
+
+    def write(self, ino: int, offset: int, data: bytes) -> int:
+        self._check_writable()
+        inode = self.get(ino)
+        cs = self.chunk_size
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            idx, within = divmod(offset + pos, cs)
+            n = min(cs - within, len(data) - pos)
+            buf = inode.dirty.get(idx)
+            if buf is None and n == cs:
+                inode.dirty[idx] = bytearray(view[pos:pos + n])   # whole chunk: no read
+                self.dirty_bytes += cs
+            else:
+                if buf is None:
+                    buf = bytearray(self._chunk_bytes(inode, idx).ljust(cs, b"\0"))
+                    inode.dirty[idx] = buf
+                    self.dirty_bytes += cs
+                buf[within:within + n] = view[pos:pos + n]
+            pos += n
+        attrs = inode.attrs
+        attrs["size"] = max(attrs["size"], offset + len(data))
+        attrs["mtime_ns"] = attrs["ctime_ns"] = time.time_ns()
+        self._mark_dirty(inode)
+        if self.dirty_bytes > DIRTY_LIMIT_BYTES:
+            self.flush_all()
+        return len(data)
+
+    # --- namespace ---------------------------------------------------------------------
+
+    def _new_attrs(self, parent: Inode, mode: int, uid: int, gid: int, rdev: int = 0) -> dict:
+        now_ns = time.time_ns()
+        is_dir = stat.S_ISDIR(mode)
+        if parent.attrs["mode"] & stat.S_ISGID:    # BSD group semantics of setgid dirs
+            gid = parent.attrs["gid"]
+            if is_dir:
+                mode |= stat.S_ISGID
+        return dict(mode=mode, uid=uid, gid=gid, nlink=2 if is_dir else 1, rdev=rdev, size=0,
+                    atime_ns=now_ns, mtime_ns=now_ns, ctime_ns=now_ns,
+                    parent_ino=parent.ino if is_dir else 0)
+
+    def make(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
+             rdev: int = 0, target: bytes = b"") -> Inode:
+        """mknod, mkdir, create and symlink: a new inode under a new name."""
+        self._check_writable()
+        self._check_name(name)
+        parent = self._dir(parent_ino)
+        attrs = self._new_attrs(parent, mode, uid, gid, rdev)
+        if target:
+            attrs["size"] = len(target)
+        with self._change(flush=[parent]) as ch:
+            if self._child_ino(ch.txn, parent, name) is not None:
+                raise FsError(errno.EEXIST, name.decode(errors="replace"))
+            ino = volumes.allocate_ino(ch.txn, self.env, self.vol_id)
+            inode = ch.create(ino, attrs, target)
+            ch.put(schema.KIND_DENTRY, schema.dentry_key(parent.ino, name), schema.u64(ino))
+            parent_attrs = ch.attrs(parent)
+            if inode.is_dir:
+                parent_attrs["nlink"] += 1
+            parent_attrs["mtime_ns"] = parent_attrs["ctime_ns"] = attrs["ctime_ns"]
+        inode.lookups += 1
+        return inode
+
+    def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Inode:
+        self._check_writable()
+        self._check_name(new_name)
+        inode = self.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EPERM, "hard links to directories are not allowed")
+        parent = self._dir(new_parent_ino)
+        with self._change(flush=[inode, parent]) as ch:
+            if self._child_ino(ch.txn, parent, new_name) is not None:
+                raise FsError(errno.EEXIST, new_name.decode(errors="replace"))
+            ch.put(schema.KIND_DENTRY, schema.dentry_key(parent.ino, new_name), schema.u64(ino))
+            now_ns = time.time_ns()
+            attrs = ch.attrs(inode)
+            attrs["nlink"] += 1
+            attrs["ctime_ns"] = now_ns
+            parent_attrs = ch.attrs(parent)
+            parent_attrs["mtime_ns"] = parent_attrs["ctime_ns"] = now_ns
+        inode.lookups += 1
+        return inode
+
+    def _drop_link(self, ch: _Change, inode: Inode) -> None:
+        """One name of `inode` is gone; free it when no name and no open remains."""
+        attrs = ch.attrs(inode)
+        attrs["nlink"] = 0 if inode.is_dir else attrs["nlink"] - 1
+        attrs["ctime_ns"] = time.time_ns()
+        if attrs["nlink"] > 0:
+            return
+        if inode.opens > 0:
+            # Unlinked while open: data lives until the last close; the orphan
+            # record lets the next mount free it if we crash before that.
+            ch.txn.put(schema.orphan_key(self.vol_id, inode.ino), b"", db=self.env.orphans)
+        else:
+            ch.purge(inode)
+
+    def _is_empty_dir(self, txn, inode: Inode) -> bool:
+        return not catalog.scan(txn, self.env, self.chain, schema.KIND_DENTRY,
+                                schema.inode_key(inode.ino))
+
+    def remove(self, parent_ino: int, name: bytes, is_dir: bool) -> None:
+        """unlink (is_dir False) or rmdir (is_dir True)."""
+        self._check_writable()
+        parent = self._dir(parent_ino)
+        with self.env.begin() as txn:
+            child_ino = self._child_ino(txn, parent, name)
+            if child_ino is None:
+                raise FsError(errno.ENOENT, name.decode(errors="replace"))
+            child = self.get(child_ino, txn)
+            if child.is_dir != is_dir:
+                raise FsError(errno.ENOTDIR if is_dir else errno.EISDIR, name.decode(errors="replace"))
+            if is_dir and not self._is_empty_dir(txn, child):
+                raise FsError(errno.ENOTEMPTY, name.decode(errors="replace"))
+        with self._change(flush=[parent, child]) as ch:
+            ch.delete(schema.KIND_DENTRY, schema.dentry_key(parent.ino, name))
+            self._drop_link(ch, child)
+            parent_attrs = ch.attrs(parent)
+            if is_dir:
+                parent_attrs["nlink"] -= 1
+            parent_attrs["mtime_ns"] = parent_attrs["ctime_ns"] = time.time_ns()
+
+    def _is_ancestor(self, txn, ancestor_ino: int, ino: int) -> bool:
+        """Is `ancestor_ino` one of the directories on the path from `ino` up to the root?"""
+        while True:
+            if ino == ancestor_ino:
+                return True
+            if ino == schema.ROOT_INO:
+                return False
+            ino = self.get(ino, txn).attrs["parent_ino"]
+
+    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
+               new_name: bytes, flags: int) -> None:
+        self._check_writable()
+        self._check_name(new_name)
+        if flags & RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        old_parent, new_parent = self._dir(old_parent_ino), self._dir(new_parent_ino)
+        with self.env.begin() as txn:
+            src_ino = self._child_ino(txn, old_parent, old_name)
+            if src_ino is None:
+                raise FsError(errno.ENOENT, old_name.decode(errors="replace"))
+            dst_ino = self._child_ino(txn, new_parent, new_name)
+            src = self.get(src_ino, txn)
+            dst = None if dst_ino is None else self.get(dst_ino, txn)
+            self._check_rename(txn, src, dst, new_parent, flags)
+        if src_ino == dst_ino:
+            return      # two names of one file: POSIX says do nothing
+        touched = [old_parent, new_parent, src] + ([dst] if dst else [])
+        with self._change(flush=touched) as ch:
+            ch.delete(schema.KIND_DENTRY, schema.dentry_key(old_parent.ino, old_name))
+            ch.put(schema.KIND_DENTRY, schema.dentry_key(new_parent.ino, new_name), schema.u64(src_ino))
+            now_ns = time.time_ns()
+            if dst is not None:
+                self._drop_link(ch, dst)
+                if dst.is_dir:
+                    ch.attrs(new_parent)["nlink"] -= 1
+            if src.is_dir and old_parent.ino != new_parent.ino:
+                ch.attrs(src)["parent_ino"] = new_parent.ino
+                ch.attrs(old_parent)["nlink"] -= 1
+                ch.attrs(new_parent)["nlink"] += 1
+            ch.attrs(src)["ctime_ns"] = now_ns
+            for parent in (old_parent, new_parent):
+                attrs = ch.attrs(parent)
+                attrs["mtime_ns"] = attrs["ctime_ns"] = now_ns
+
+    def _check_rename(self, txn, src: Inode, dst: Optional[Inode], new_parent: Inode, flags: int) -> None:
+        if dst is not None:
+            if flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST, "target exists (RENAME_NOREPLACE)")
+            if dst.ino == src.ino:
+                return
+            if dst.is_dir and not src.is_dir:
+                raise FsError(errno.EISDIR, "cannot replace a directory with a non-directory")
+            if src.is_dir and not dst.is_dir:
+                raise FsError(errno.ENOTDIR, "cannot replace a non-directory with a directory")
+            if dst.is_dir and not self._is_empty_dir(txn, dst):
+                raise FsError(errno.ENOTEMPTY, "target directory is not empty")
+        if src.is_dir and self._is_ancestor(txn, src.ino, new_parent.ino):
+            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.get(ino)
+        if not stat.S_ISLNK(inode.attrs["mode"]):
+            raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
+        return inode.target
+
+    # --- open files ----------------------------------------------------------------------
+
+    def open(self, ino: int, writable: bool) -> Inode:
+        if writable:
+            self._check_writable()
+        inode = self.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR, f"inode {ino}")
+        inode.opens += 1
+        return inode
+
+    def release(self, ino: int) -> None:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            return
+        inode.opens -= 1
+        if inode.opens == 0 and inode.attrs["nlink"] == 0 and not inode.purged:
+            with self._change(flush=[inode]) as ch:
+                ch.purge(inode)
+        self._maybe_evict(inode)
+
+    def recover_orphans(self) -> int:
+        """Free inodes that were unlinked while open when the last daemon died."""
+        prefix = schema.u64(self.vol_id)
+        with self.env.begin() as txn:
+            inos = [schema.read_u64(bytes(k), 8) for k, _ in txn.cursor(db=self.env.orphans)
+                    if bytes(k).startswith(prefix)]
+        for ino in inos:
+            inode = self.get(ino)
+            with self._change(flush=[inode]) as ch:
+                if inode.attrs["nlink"] == 0:
+                    ch.purge(inode)
+                else:
+                    ch.txn.delete(schema.orphan_key(self.vol_id, ino), db=self.env.orphans)
+            self._maybe_evict(inode)
+        return len(inos)
+
+    # --- directories ------------------------------------------------------------------
+
+    def opendir(self, ino: int) -> int:
+        self._dir(ino)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dir_handles[fh] = None
+        return fh
+
+    def _listing(self, fh: int, ino: int) -> list[tuple[bytes, int]]:
+        listing = self._dir_handles.get(fh)
+        if listing is None:
+            # A stable listing per handle: offsets stay valid while entries change.
+            with self.env.begin() as txn:
+                entries = catalog.scan(txn, self.env, self.chain, schema.KIND_DENTRY,
+                                       schema.inode_key(ino))
+            listing = [(schema.dentry_name(k), schema.read_u64(v)) for k, v in entries]
+            self._dir_handles[fh] = listing
+        return listing
+
+    def readdir(self, fh: int, ino: int, start: int):
+        """Yield (name, inode, next_offset) from offset `start`."""
+        listing = self._listing(fh, ino)
+        for offset in range(start, len(listing)):
+            name, child_ino = listing[offset]
+            try:
+                inode = self.get(child_ino)
+            except FsError:
+                continue        # removed since the listing was taken
+            yield name, inode, offset + 1
+
+    def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    # --- extended attributes ---------------------------------------------------------
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._check_name(name)
+        if len(value) > XATTR_VALUE_MAX_BYTES:
+            raise FsError(errno.E2BIG, "extended attribute value too large")
+        inode = self.get(ino)
+        with self._change(flush=[inode]) as ch:
+            ch.put(schema.KIND_XATTR, schema.xattr_key(ino, name), value)
+            ch.attrs(inode)["ctime_ns"] = time.time_ns()
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        self.get(ino)
+        with self.env.begin() as txn:
+            value = catalog.get(txn, self.env, self.chain, schema.KIND_XATTR, schema.xattr_key(ino, name))
+        if value is None:
+            raise FsError(errno.ENODATA, name.decode(errors="replace"))
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        self.get(ino)
+        with self.env.begin() as txn:
+            entries = catalog.scan(txn, self.env, self.chain, schema.KIND_XATTR, schema.inode_key(ino))
+        return [k[8:-1] for k, _ in entries]
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        inode = self.get(ino)
+        self.getxattr(ino, name)
+        with self._change(flush=[inode]) as ch:
+            ch.delete(schema.KIND_XATTR, schema.xattr_key(ino, name))
+            ch.attrs(inode)["ctime_ns"] = time.time_ns()
+
+    # --- whole filesystem ----------------------------------------------------------------
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.store.path)

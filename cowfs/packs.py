@@ -1,0 +1,134 @@
+"""Append-only pack files holding chunk bytes.
+
+This is the storage interface a remote object-store backend could implement
+later: create a pack, append entries, make them durable, read a byte range.
+It knows nothing of LMDB, chunk ids beyond writing them into entry headers,
+or reference counts.
+
+What holds after a crash (kill -9 or power loss):
+* A pack file exists on disk once `PackStore.create` returned (the file and
+  its directory entry were fsynced), so a committed record can never name a
+  pack that vanished.
+* Bytes appended are durable once `PackWriter.sync` returned (rule 1).
+  Bytes appended but not synced may be missing or torn after a crash; no
+  committed record refers to them, because callers sync before they commit.
+"""
+
+import errno
+import os
+
+from . import schema
+
+PACK_TARGET_BYTES = 64 << 20     # start a new pack beyond this size
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PackStore:
+    """The directory of pack files of one store."""
+
+    def __init__(self, packs_dir: str):
+        self.packs_dir = packs_dir
+        self._read_fds: dict[int, int] = {}
+
+    def path(self, pack_id: int) -> str:
+        return os.path.join(self.packs_dir, f"{pack_id:08x}.pack")
+
+    def create(self, pack_id: int) -> "PackWriter":
+        """Create an empty pack and make its existence durable."""
+        fd = os.open(self.path(pack_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, schema.PACK_HEADER.pack(schema.PACK_MAGIC, pack_id))
+            os.fsync(fd)
+            fsync_dir(self.packs_dir)
+        except BaseException:
+            os.close(fd)
+            raise
+        return PackWriter(pack_id, fd, schema.PACK_HEADER.size)
+
+    def read(self, pack_id: int, offset: int, length: int) -> bytes:
+        fd = self._read_fds.get(pack_id)
+        if fd is None:
+            fd = os.open(self.path(pack_id), os.O_RDONLY)
+            self._read_fds[pack_id] = fd
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise OSError(errno.EIO, f"pack {pack_id:08x} is shorter than the catalog says "
+                                     f"(wanted {length} bytes at {offset})")
+        return data
+
+    def size(self, pack_id: int) -> int:
+        return os.stat(self.path(pack_id)).st_size
+
+    def pack_ids(self) -> list[int]:
+        ids = []
+        for name in os.listdir(self.packs_dir):
+            stem, dot, ext = name.partition(".")
+            if ext == "pack" and len(stem) == 8:
+                try:
+                    ids.append(int(stem, 16))
+                except ValueError:
+                    pass
+        return sorted(ids)
+
+    def close(self) -> None:
+        for fd in self._read_fds.values():
+            os.close(fd)
+        self._read_fds.clear()
+
+
+class PackWriter:
+    """The one pack a process appends to. Not shared between processes."""
+
+    def __init__(self, pack_id: int, fd: int, size_bytes: int):
+        self.pack_id = pack_id
+        self._fd = fd
+        self.size_bytes = size_bytes
+        self.broken = False
+
+    def append(self, chunk_id: bytes, data: bytes) -> int:
+        """Append one entry; return the offset of its data bytes."""
+        if self.broken:
+            raise OSError(errno.EIO, f"pack {self.pack_id:08x} had a write error; use a new pack")
+        header = schema.ENTRY_HEADER.pack(schema.ENTRY_MAGIC, len(data), chunk_id)
+        start = self.size_bytes
+        try:
+            written = os.pwritev(self._fd, [header, data], start)
+            if written != len(header) + len(data):
+                raise OSError(errno.ENOSPC, "short write to pack file")
+        except OSError:
+            self._undo_to(start)
+            raise
+        self.size_bytes = start + written
+        return start + len(header)
+
+    def _undo_to(self, size_bytes: int) -> None:
+        """Drop a partial entry so that the next append starts clean."""
+        try:
+            os.ftruncate(self._fd, size_bytes)
+        except OSError:
+            self.broken = True
+
+    def sync(self) -> None:
+        """Make every appended byte durable (rule 1: before any commit naming it)."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError:
+            # After a failed fdatasync the kernel may have dropped the dirty
+            # pages; nothing in this file written since the last good sync
+            # can be trusted, so never append to it again (rule 3).
+            self.broken = True
+            raise
+
+    @property
+    def full(self) -> bool:
+        return self.size_bytes >= PACK_TARGET_BYTES
+
+    def close(self) -> None:
+        os.close(self._fd)

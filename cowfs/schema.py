@@ -1,0 +1,264 @@
+"""The on-disk format: every LMDB sub-database, its key and value layout.
+
+This module is *the* documentation of the metadata format (docs/design.md
+repeats it for readers who do not read code). Nothing else in cowfs builds or
+parses LMDB keys by hand. All integers in keys are big-endian so that LMDB's
+bytewise order is numeric order; values use little-endian structs.
+
+Store layout on disk::
+
+    STORE/meta/     LMDB environment (data.mdb, lock.mdb)
+    STORE/packs/    append-only pack files  <pack_id:08x>.pack
+    STORE/run/      per-volume lock files, daemon info, logs (mode 0700)
+
+Sub-databases (name: key -> value):
+
+``meta``        b"format_version" -> ascii int (FORMAT_VERSION)
+                b"chunk_size"     -> u32 bytes per chunk (power of two)
+                b"next_vol_id", b"next_pack_id" -> u64 allocators (never reused)
+                b"created_ns"     -> i64 store creation time
+``volumes``     vol_id u64 -> VolumeRecord (see `pack_volume`)
+``volnames``    utf-8 name -> vol_id u64
+``snapshots``   vol_id u64 | gen u64 -> SnapshotRecord; gen is the generation the
+                snapshot froze (reads as of gen). Name b"" = unnamed but kept
+                because a clone depends on it.
+``snapnames``   vol_id u64 | utf-8 name -> gen u64
+``records``     vol_id u64 | kind u8 | record key | inv_gen u64 -> tag u8 + payload
+                The versioned catalog. inv_gen = 2**64-1-gen, so for one record
+                key the newest version sorts first and a single ``set_range``
+                to (key, inv(G)) lands on the newest version with gen <= G.
+                tag 0 = tombstone (deleted at gen), tag 1 = live payload.
+                Kinds and record keys:
+                  KIND_INODE  b"I": ino u64                -> inode attributes
+                  KIND_DENTRY b"D": parent_ino u64 | name | 0x00 -> child ino u64
+                  KIND_CHUNK  b"C": ino u64 | chunk_index u64 -> chunk_id (16 bytes)
+                  KIND_XATTR  b"X": ino u64 | name | 0x00 -> value bytes
+                Names never contain NUL, so the 0x00 terminator makes one name's
+                keys never a prefix of another name's keys.
+``born``        vol_id u64 | gen u64 | kind u8 | record key -> b""
+                Change log: the record versions born at each generation. Diff
+                and snapshot deletion walk it, so they cost O(changes).
+``chunks``      chunk_id (xxh3-128 digest, 16 bytes) -> pack_id u32, offset u64,
+                length u32, refcount u64. offset points at the chunk bytes (after
+                the entry header). refcount = number of KIND_CHUNK record
+                *versions* naming the chunk; an entry is deleted in the same
+                transaction that brings its count to 0 (rule 4).
+``packs``       pack_id u32 -> live_bytes u64, live_chunks u64
+``orphans``     vol_id u64 | ino u64 -> b""  inodes unlinked while open; freed
+                at last close or at the next mount of the volume.
+
+Pack file format (``packs/<pack_id:08x>.pack``)::
+
+    header  : PACK_MAGIC (8 bytes) | pack_id u32 LE | 4 bytes zero
+    entries : ENTRY_MAGIC (4 bytes) | length u32 LE | chunk_id (16) | bytes
+"""
+
+import struct
+
+import lmdb
+
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_SIZE = 8192
+MIN_CHUNK_SIZE = 4096
+MAX_CHUNK_SIZE = 1 << 20
+LMDB_MAP_SIZE = 1 << 40          # address space only; the file grows as needed
+LMDB_MAX_DBS = 16
+LMDB_MAX_READERS = 1024
+
+ROOT_INO = 1
+FIRST_FREE_INO = 2
+MAX_GEN = (1 << 64) - 1
+
+DB_NAMES = ("meta", "volumes", "volnames", "snapshots", "snapnames",
+            "records", "born", "chunks", "packs", "orphans")
+
+KIND_INODE = b"I"
+KIND_DENTRY = b"D"
+KIND_CHUNK = b"C"
+KIND_XATTR = b"X"
+
+TAG_TOMBSTONE = b"\x00"
+TAG_LIVE = b"\x01"
+
+PACK_MAGIC = b"COWPACK1"
+PACK_HEADER = struct.Struct("<8sI4x")
+ENTRY_MAGIC = b"CHNK"
+ENTRY_HEADER = struct.Struct("<4sI16s")
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_VOLUME = struct.Struct("<QQQQqI")     # head_gen parent_vol parent_gen next_ino created_ns flags
+_SNAPSHOT = struct.Struct("<qI")       # created_ns flags
+_INODE = struct.Struct("<IIIIQQqqqQ")  # mode uid gid nlink rdev size atime mtime ctime parent_ino
+_CHUNK = struct.Struct("<IQIQ")        # pack_id offset length refcount
+_PACK = struct.Struct("<QQ")           # live_bytes live_chunks
+_LE_U64 = struct.Struct("<Q")
+
+
+def u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def read_u64(raw: bytes, offset: int = 0) -> int:
+    return _U64.unpack_from(raw, offset)[0]
+
+
+def inv_gen(gen: int) -> bytes:
+    return _U64.pack(MAX_GEN - gen)
+
+
+def gen_from_inv(raw: bytes) -> int:
+    return MAX_GEN - _U64.unpack(raw)[0]
+
+
+# --- record keys -----------------------------------------------------------
+
+def inode_key(ino: int) -> bytes:
+    return _U64.pack(ino)
+
+
+def dentry_key(parent_ino: int, name: bytes) -> bytes:
+    return _U64.pack(parent_ino) + name + b"\x00"
+
+
+def dentry_name(record_key: bytes) -> bytes:
+    return record_key[8:-1]
+
+
+def chunk_key(ino: int, chunk_index: int) -> bytes:
+    return _U64.pack(ino) + _U64.pack(chunk_index)
+
+
+def chunk_index_of(record_key: bytes) -> int:
+    return _U64.unpack_from(record_key, 8)[0]
+
+
+def xattr_key(ino: int, name: bytes) -> bytes:
+    return _U64.pack(ino) + name + b"\x00"
+
+
+def versioned_key(vol_id: int, kind: bytes, record_key: bytes, gen: int) -> bytes:
+    return _U64.pack(vol_id) + kind + record_key + inv_gen(gen)
+
+
+def record_prefix(vol_id: int, kind: bytes, record_key: bytes = b"") -> bytes:
+    return _U64.pack(vol_id) + kind + record_key
+
+
+def split_versioned_key(raw: bytes) -> tuple[int, bytes, bytes, int]:
+    """(vol_id, kind, record_key, gen) of a ``records`` key."""
+    return (_U64.unpack_from(raw, 0)[0], raw[8:9], raw[9:-8], gen_from_inv(raw[-8:]))
+
+
+def born_key(vol_id: int, gen: int, kind: bytes, record_key: bytes) -> bytes:
+    return _U64.pack(vol_id) + _U64.pack(gen) + kind + record_key
+
+
+def split_born_key(raw: bytes) -> tuple[int, int, bytes, bytes]:
+    return (_U64.unpack_from(raw, 0)[0], _U64.unpack_from(raw, 8)[0], raw[16:17], raw[17:])
+
+
+def orphan_key(vol_id: int, ino: int) -> bytes:
+    return _U64.pack(vol_id) + _U64.pack(ino)
+
+
+def snapshot_key(vol_id: int, gen: int) -> bytes:
+    return _U64.pack(vol_id) + _U64.pack(gen)
+
+
+def snapname_key(vol_id: int, name: str) -> bytes:
+    return _U64.pack(vol_id) + name.encode()
+
+
+def pack_key(pack_id: int) -> bytes:
+    return _U32.pack(pack_id)
+
+
+# --- values ------------------------------------------------------------------
+
+def pack_volume(head_gen: int, parent_vol_id: int, parent_gen: int, next_ino: int,
+                created_ns: int, name: str, flags: int = 0) -> bytes:
+    """VolumeRecord. parent_vol_id 0 = no parent (the volume started empty)."""
+    return _VOLUME.pack(head_gen, parent_vol_id, parent_gen, next_ino, created_ns, flags) + name.encode()
+
+
+def unpack_volume(raw: bytes) -> dict:
+    head_gen, parent_vol_id, parent_gen, next_ino, created_ns, flags = _VOLUME.unpack_from(raw)
+    return dict(head_gen=head_gen, parent_vol_id=parent_vol_id, parent_gen=parent_gen,
+                next_ino=next_ino, created_ns=created_ns, flags=flags,
+                name=bytes(raw[_VOLUME.size:]).decode())
+
+
+def pack_snapshot(created_ns: int, name: str, flags: int = 0) -> bytes:
+    return _SNAPSHOT.pack(created_ns, flags) + name.encode()
+
+
+def unpack_snapshot(raw: bytes) -> dict:
+    created_ns, flags = _SNAPSHOT.unpack_from(raw)
+    return dict(created_ns=created_ns, flags=flags, name=bytes(raw[_SNAPSHOT.size:]).decode())
+
+
+INODE_FIELDS = ("mode", "uid", "gid", "nlink", "rdev", "size",
+                "atime_ns", "mtime_ns", "ctime_ns", "parent_ino")
+
+
+def pack_inode(attrs: dict, symlink_target: bytes = b"") -> bytes:
+    """Inode attributes; a symlink's target follows the fixed part.
+
+    parent_ino is meaningful for directories only (they have exactly one
+    parent); it is what lets rename refuse to move a directory into itself.
+    """
+    return _INODE.pack(*(attrs[f] for f in INODE_FIELDS)) + symlink_target
+
+
+def unpack_inode(raw: bytes) -> tuple[dict, bytes]:
+    attrs = dict(zip(INODE_FIELDS, _INODE.unpack_from(raw)))
+    return attrs, bytes(raw[_INODE.size:])
+
+
+def pack_chunk(pack_id: int, offset: int, length: int, refcount: int) -> bytes:
+    return _CHUNK.pack(pack_id, offset, length, refcount)
+
+
+def unpack_chunk(raw: bytes) -> tuple[int, int, int, int]:
+    return _CHUNK.unpack(raw)
+
+
+def pack_pack_stats(live_bytes: int, live_chunks: int) -> bytes:
+    return _PACK.pack(live_bytes, live_chunks)
+
+
+def unpack_pack_stats(raw: bytes) -> tuple[int, int]:
+    return _PACK.unpack(raw)
+
+
+def pack_le_u64(value: int) -> bytes:
+    return _LE_U64.pack(value)
+
+
+def unpack_le_u64(raw: bytes) -> int:
+    return _LE_U64.unpack(raw)[0]
+
+
+# --- environment ---------------------------------------------------------------
+
+class Env:
+    """An open LMDB environment with its named sub-databases as attributes."""
+
+    def __init__(self, path: str, readonly: bool = False, create: bool = False):
+        # sync/metasync stay on: every commit is durable when it returns,
+        # which is what makes the LMDB commit the commit point (rule 2).
+        self.lmdb = lmdb.open(path, map_size=LMDB_MAP_SIZE, max_dbs=LMDB_MAX_DBS,
+                              max_readers=LMDB_MAX_READERS, subdir=True, create=create,
+                              readonly=readonly, lock=True, sync=True, metasync=True,
+                              readahead=False, meminit=False)
+        self.dbs = {name: self.lmdb.open_db(name.encode(), create=not readonly)
+                    for name in DB_NAMES}
+        for name, handle in self.dbs.items():
+            setattr(self, name, handle)
+
+    def begin(self, write: bool = False) -> lmdb.Transaction:
+        return self.lmdb.begin(write=write)
+
+    def close(self) -> None:
+        self.lmdb.close()

@@ -1,0 +1,138 @@
+"""A store on disk: its directories, its LMDB environment, format checks, locks.
+
+``Store.create`` and ``Store.open`` are the only ways in; both refuse what
+they cannot handle with a `CowfsError` whose message says what to do.
+"""
+
+import fcntl
+import os
+import time
+import uuid
+
+import lmdb
+
+from . import schema
+from .chunks import ChunkStore
+from .errors import BusyError, ExistsError, NotFoundError, StoreError, UsageError
+from .packs import PackStore, fsync_dir
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if (chunk_size < schema.MIN_CHUNK_SIZE or chunk_size > schema.MAX_CHUNK_SIZE
+            or chunk_size & (chunk_size - 1)):
+        raise UsageError(f"chunk size {chunk_size} is not a power of two between "
+                         f"{schema.MIN_CHUNK_SIZE} and {schema.MAX_CHUNK_SIZE} bytes")
+
+
+class Store:
+    def __init__(self, path: str, env: schema.Env):
+        self.path = path
+        self.env = env
+        self.packs = PackStore(os.path.join(path, "packs"))
+        self.chunks = ChunkStore(env, self.packs)
+        with env.begin() as txn:
+            self.chunk_size = schema.unpack_le_u64(txn.get(b"chunk_size", db=env.meta))
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.path, "run")
+
+    # --- creating and opening ----------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str, chunk_size: int = schema.DEFAULT_CHUNK_SIZE) -> "Store":
+        """Create a store in a missing or empty directory (volumes are made by the caller)."""
+        _check_chunk_size(chunk_size)
+        path = os.path.abspath(path)
+        if os.path.exists(os.path.join(path, "meta")):
+            raise ExistsError(f"{path} already holds a cowfs store; pick another directory")
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise ExistsError(f"{path} exists and is not an empty directory; "
+                              "give a new or empty directory")
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            raise NotFoundError(f"parent directory {parent} does not exist; create it first")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        for sub in ("meta", "packs", "run"):
+            os.mkdir(os.path.join(path, sub), 0o700)
+        env = schema.Env(os.path.join(path, "meta"), create=True)
+        with env.begin(write=True) as txn:
+            meta = env.meta
+            txn.put(b"chunk_size", schema.pack_le_u64(chunk_size), db=meta)
+            txn.put(b"next_vol_id", schema.pack_le_u64(1), db=meta)
+            txn.put(b"next_pack_id", schema.pack_le_u64(1), db=meta)
+            txn.put(b"created_ns", schema.pack_le_u64(time.time_ns()), db=meta)
+            txn.put(b"store_uuid", uuid.uuid4().bytes, db=meta)
+            # Written last: a store without it is an interrupted init.
+            txn.put(b"format_version", str(schema.FORMAT_VERSION).encode(), db=meta)
+        fsync_dir(path)
+        return cls(path, env)
+
+    @classmethod
+    def open(cls, path: str) -> "Store":
+        path = os.path.abspath(path)
+        meta_dir = os.path.join(path, "meta")
+        if not os.path.isdir(path):
+            raise NotFoundError(f"store {path} does not exist; create it with 'cowfs init {path}'")
+        if not os.path.isfile(os.path.join(meta_dir, "data.mdb")):
+            raise StoreError(f"{path} is not a cowfs store (no meta/data.mdb); "
+                             f"create one with 'cowfs init'")
+        try:
+            env = schema.Env(meta_dir)
+        except lmdb.Error as exc:
+            raise StoreError(f"metadata of store {path} cannot be opened ({exc}); "
+                             "restore it from a copy or run 'cowfs fsck'") from exc
+        with env.begin() as txn:
+            version = txn.get(b"format_version", db=env.meta)
+        if version is None:
+            env.close()
+            raise StoreError(f"store {path} has no format version (interrupted init?); "
+                             "remove it and run 'cowfs init' again")
+        if version != str(schema.FORMAT_VERSION).encode():
+            env.close()
+            raise StoreError(f"store {path} has format version {version.decode(errors='replace')}, "
+                             f"this cowfs reads version {schema.FORMAT_VERSION}; "
+                             "use the cowfs release that wrote it")
+        return cls(path, env)
+
+    def close(self) -> None:
+        self.chunks.close()
+        self.env.close()
+
+    # --- volume locks ------------------------------------------------------------
+
+    def lock_path(self, vol_id: int) -> str:
+        return os.path.join(self.run_dir, f"vol-{vol_id}.lock")
+
+    def lock_volume(self, vol_id: int, name: str, holder: str) -> "VolumeLock":
+        """Take the exclusive lock that one read-write user of a volume holds."""
+        path = self.lock_path(vol_id)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held_by = _read_small(fd)
+            os.close(fd)
+            raise BusyError(f"volume {name} is in use ({held_by or 'by another process'}); "
+                            f"unmount it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder}, pid {os.getpid()}".encode(), 0)
+        return VolumeLock(fd)
+
+
+def _read_small(fd: int) -> str:
+    try:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class VolumeLock:
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = -1
