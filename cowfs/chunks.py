@@ -52,7 +52,14 @@ class ChunkStore:
             raise ChunkDamagedError(f"chunk {chunk_id.hex()} is referenced but not in the chunk index")
         pack_id, offset, length, _refcount = schema.unpack_chunk(raw)
         try:
-            data = self.packs.read(pack_id, offset, length)
+            try:
+                data = self.packs.read(pack_id, offset, length)
+            except FileNotFoundError:
+                # gc moved the chunk and removed the pack after our lookup.
+                with self.env.begin() as fresh:
+                    pack_id, offset, length, _refcount = schema.unpack_chunk(
+                        fresh.get(chunk_id, db=self.env.chunks) or raw)
+                data = self.packs.read(pack_id, offset, length)
         except OSError as exc:
             raise ChunkDamagedError(f"chunk {chunk_id.hex()} in pack {pack_id:08x}: {exc}") from exc
         if chunk_id_of(data) != chunk_id:
@@ -81,10 +88,13 @@ class ChunkStore:
             txn.put(schema.pack_key(pack_id), schema.pack_pack_stats(0, 0), db=self.env.packs)
         return pack_id
 
-    def close(self) -> None:
+    def close_writer(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def close(self) -> None:
+        self.close_writer()
         self.packs.close()
 
 

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "file modes and owners are enforced by the kernel.")
     p.add_argument("store", metavar="STORE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
-    p.add_argument("--volume", default="main", metavar="NAME", help="volume to mount (default: main)")
+    p.add_argument("--volume", default="main", metavar="NAME",
+                   help="volume to mount (default: main); VOL@SNAP mounts a snapshot read-only")
     p.add_argument("--foreground", action="store_true",
                    help="serve in this process until unmounted (for service managers); "
                         "logs go to stderr")
@@ -81,7 +82,147 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE")
     p.add_argument("--verify-data", action="store_true",
                    help="also re-read every chunk and compare it with its checksum (slow)")
+    _add_snapshot_commands(sub)
     return parser
+
+
+def _add_snapshot_commands(sub) -> None:
+    p = sub.add_parser("snapshot", help="take a point-in-time snapshot VOL@SNAP (metadata only)",
+                       description="Record the current state of VOL as snapshot SNAP. Costs the "
+                                   "same whatever the volume size. If VOL is mounted, its daemon "
+                                   "includes every write acknowledged before this command.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("target", metavar="VOL@SNAP")
+
+    p = sub.add_parser("clone", help="writable volume from VOL@SNAP, or from VOL (snapshot now)",
+                       description="Create volume NEWVOL that starts as SOURCE. SOURCE is VOL@SNAP, "
+                                   "or VOL (a snapshot 'clone-NEWVOL' is taken first). Writes to "
+                                   "either side are invisible to the other.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("new_volume", metavar="NEWVOL")
+
+    p = sub.add_parser("list", help="volumes and snapshots with origin, time and space",
+                       description="Volumes and their snapshots. LOGICAL: bytes of files; WRITTEN: "
+                                   "bytes written since the previous snapshot; UNIQUE: bytes only "
+                                   "it holds.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("destroy", help="remove a snapshot VOL@SNAP or an unmounted volume VOL",
+                       description="Remove a snapshot or an unmounted volume with its snapshots. "
+                                   "Data a clone still needs stays (the snapshot just leaves the "
+                                   "list). Run 'cowfs gc' afterwards to shrink the packs.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("target", metavar="VOL|VOL@SNAP")
+
+    p = sub.add_parser("rollback", help="return an unmounted volume to VOL@SNAP (undoable)",
+                       description="Make unmounted VOL read as snapshot SNAP. Newer snapshots are "
+                                   "kept, and the state before the rollback is kept as snapshot "
+                                   "pre-rollback-<time>, so the rollback can itself be undone.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("target", metavar="VOL@SNAP")
+
+    p = sub.add_parser("rename", help="rename a volume (OLD NEW) or a snapshot (VOL@OLD NEW)")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("old", metavar="OLD")
+    p.add_argument("new", metavar="NEW")
+
+    p = sub.add_parser("gc", help="reclaim pack space no longer referenced (safe while mounted)")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--min-dead", type=float, default=0.25, metavar="FRACTION",
+                   help="compact packs with at least this fraction of dead bytes (default 0.25)")
+
+    p = sub.add_parser("df", help="space: stored bytes, dedup ratio, what destroying each item frees")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def human(size_bytes: int) -> str:
+    value = float(size_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(size_bytes)
+
+
+def _with_store(args, func):
+    from .store import Store
+    store = Store.open(args.store)
+    try:
+        return func(store)
+    finally:
+        store.close()
+
+
+def _print_message(args, func) -> int:
+    print(_with_store(args, func))
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    from . import admin
+    return _print_message(args, lambda store: admin.snapshot(store, args.target))
+
+
+def cmd_clone(args) -> int:
+    from . import admin
+    return _print_message(args, lambda store: admin.clone(store, args.source, args.new_volume))
+
+
+def cmd_destroy(args) -> int:
+    from . import admin
+    return _print_message(args, lambda store: admin.destroy(store, args.target))
+
+
+def cmd_rollback(args) -> int:
+    from . import admin
+    return _print_message(args, lambda store: admin.rollback(store, args.target))
+
+
+def cmd_rename(args) -> int:
+    from . import admin
+    return _print_message(args, lambda store: admin.rename(store, args.old, args.new))
+
+
+def cmd_list(args) -> int:
+    import json
+    from . import admin
+    rows = _with_store(args, admin.listing)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'NAME':<40} {'TYPE':<9} {'CREATED':<21} {'LOGICAL':>10} {'WRITTEN':>10} {'UNIQUE':>10}  ORIGIN")
+    for row in rows:
+        print(f"{row['name']:<40} {row['type']:<9} {row['created']:<21} {human(row['logical_bytes']):>10} "
+              f"{human(row['written_bytes']):>10} {human(row['unique_bytes']):>10}  {row['origin'] or '-'}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from . import gc
+    result = _with_store(args, lambda store: gc.collect(store, args.min_dead))
+    print(f"gc: packs {human(result['bytes_before'])} -> {human(result['bytes_after'])}; "
+          f"{result['packs_removed']} packs removed, {result['packs_compacted']} compacted, "
+          f"{result['chunks_moved']} chunks moved")
+    return 0
+
+
+def cmd_df(args) -> int:
+    import json
+    from . import admin
+    report = _with_store(args, admin.df)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"stored chunks  {human(report['chunk_bytes'])} in {report['chunks']} chunks; "
+          f"packs on disk {human(report['pack_bytes'])} ({human(report['garbage_bytes'])} reclaimable "
+          f"by gc); dedup ratio {report['dedup_ratio']}")
+    print(f"{'NAME':<50} {'DESTROY FREES':>14}")
+    for item in report["items"]:
+        print(f"{item['name']:<50} {human(item['frees_bytes']):>14}")
+    return 0
 
 
 def cmd_init(args) -> int:
@@ -99,8 +240,8 @@ def cmd_init(args) -> int:
 
 
 def cmd_mount(args) -> int:
-    from . import volumes
-    volumes.check_name(args.volume)
+    from . import snapshots
+    snapshots.parse_target(args.volume)
     if args.foreground:
         from . import daemon
         return daemon.run(args.store, args.mountpoint, args.volume, args.ready_fd, args.commit_interval)
@@ -151,7 +292,9 @@ def cmd_fsck(args) -> int:
     return 0
 
 
-COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "fsck": cmd_fsck}
+COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount, "fsck": cmd_fsck,
+            "snapshot": cmd_snapshot, "clone": cmd_clone, "list": cmd_list, "destroy": cmd_destroy,
+            "rollback": cmd_rollback, "rename": cmd_rename, "gc": cmd_gc, "df": cmd_df}
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,7 @@ from typing import Optional
 import pyfuse3
 import trio
 
-from . import volumes
+from . import control, snapshots, volumes
 from .errors import BusyError, CowfsError, NotFoundError, StoreIOError, UsageError
 from .filesystem import Filesystem
 from .fuse_ops import FuseOps
@@ -111,6 +111,7 @@ async def _periodic_flush(fs: Filesystem, interval_s: float) -> None:
         await trio.sleep(interval_s)
         try:
             fs.flush_all()
+            fs.store.packs.drop_unlinked()
         except Exception:
             # Rule 3: the data stays buffered; the next fsync retries and
             # reports the failure to its caller.
@@ -131,10 +132,44 @@ async def _unmount_on_signal(mountpoint: str) -> None:
                 await trio.run_process(["fusermount3", "-u", "-z", mountpoint], check=False)
 
 
-async def _serve(fs: Filesystem, mountpoint: str, commit_interval_s: float) -> None:
+def _syncfs(path: str) -> None:
+    """syncfs(2): the kernel writes its cached dirty pages of the mount to us."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def _control_handler(fs: Filesystem, mountpoint: str):
+    async def handle(request: dict) -> dict:
+        op = request.get("op")
+        if op in ("snapshot", "flush"):
+            # Every write acknowledged before this request is in the kernel's
+            # cache or ours: take both (rule 5). syncfs runs in a thread, as
+            # its writes come back to this event loop.
+            await trio.to_thread.run_sync(_syncfs, mountpoint)
+            if op == "flush":
+                fs.flush_all()
+                return dict(ok=True)
+            return dict(ok=True, gen=fs.snapshot(request["name"]))
+        if op == "stats":
+            return dict(ok=True, pid=os.getpid(), dirty_bytes=fs.dirty_bytes,
+                        cached_inodes=len(fs.inodes), head_gen=fs.chain[0][1])
+        return dict(ok=False, error=f"unknown request {op!r}", exit_code=2)
+    return handle
+
+
+async def _serve(fs: Filesystem, mountpoint: str, commit_interval_s: float, listener) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_periodic_flush, fs, commit_interval_s)
         nursery.start_soon(_unmount_on_signal, mountpoint)
+        if listener is not None:
+            nursery.start_soon(control.serve, listener, _control_handler(fs, mountpoint))
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -185,7 +220,13 @@ def run(store_path: str, mountpoint: str, volume: str, ready_fd: Optional[int] =
                                   mountpoint=mnt, status="mounted"))
         ready.send("OK")
         log.info("volume %s of %s mounted at %s (pid %d)", volume, store.path, mnt, os.getpid())
-        status = _serve_until_unmounted(fs, mnt, dev, commit_interval_s)
+        listener = None if fs.read_only else control.listen(store.run_dir, fs.vol_id)
+        try:
+            status = _serve_until_unmounted(fs, mnt, dev, commit_interval_s, listener)
+        finally:
+            if listener is not None:
+                listener.close()
+                control.remove(store.run_dir, fs.vol_id)
     except CowfsError as exc:
         ready.send(f"ERR {exc.exit_code} {exc}")
         log.error("%s", exc)
@@ -196,20 +237,26 @@ def run(store_path: str, mountpoint: str, volume: str, ready_fd: Optional[int] =
     return status
 
 
-def _prepare(store_path: str, mountpoint: str, volume: str):
-    volumes.check_name(volume)
+def _prepare(store_path: str, mountpoint: str, target: str):
+    """Open, check and lock; `target` is VOL (read-write) or VOL@SNAP (read-only)."""
+    vol_name, snap = snapshots.parse_target(target)
     store = Store.open(store_path)
     try:
         mnt = check_mountpoint(mountpoint)
         with store.env.begin() as txn:
-            vol_id = volumes.volume_id(txn, store.env, volume)
-        lock = store.lock_volume(vol_id, volume, f"mounted at {mnt}")
+            vol_id = volumes.volume_id(txn, store.env, vol_name)
+            gen = None if snap is None else snapshots.snapshot_gen(txn, store.env, vol_id, vol_name, snap)
+        if snap is None:
+            lock = store.lock_volume(vol_id, vol_name, f"mounted at {mnt}")
+        else:
+            lock = store.lock_snapshot(vol_id, gen, target, exclusive=False, holder=f"mounted at {mnt}")
     except BaseException:
         store.close()
         raise
     try:
-        fs = Filesystem(store, vol_id)
-        fs.recover_orphans()
+        fs = Filesystem(store, vol_id, read_only=snap is not None, as_of_gen=gen)
+        if snap is None:
+            fs.recover_orphans()
     except BaseException:
         lock.release()
         store.close()
@@ -217,10 +264,11 @@ def _prepare(store_path: str, mountpoint: str, volume: str):
     return store, lock, fs, mnt
 
 
-def _serve_until_unmounted(fs: Filesystem, mnt: str, dev: str, commit_interval_s: float) -> int:
+def _serve_until_unmounted(fs: Filesystem, mnt: str, dev: str, commit_interval_s: float,
+                           listener) -> int:
     unmounted = False
     try:
-        trio.run(_serve, fs, mnt, commit_interval_s)
+        trio.run(_serve, fs, mnt, commit_interval_s, listener)
         unmounted = True
     finally:
         error = _final_flush(fs)

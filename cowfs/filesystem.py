@@ -33,7 +33,7 @@ import stat
 import time
 from typing import Iterable, Optional
 
-from . import catalog, schema, volumes
+from . import catalog, schema, snapshots, volumes
 from .chunks import ChunkBatch, is_zero
 from .errors import FsError
 from .store import Store
@@ -261,6 +261,19 @@ class Filesystem:
             return
         with self._change(flush=[self.inodes[ino] for ino in self.dirty_inos]):
             pass
+
+    def snapshot(self, name: str) -> int:
+        """Flush and record a snapshot in one transaction (rule 5); returns its gen.
+
+        The caller first makes the kernel hand over its cached writes (syncfs).
+        """
+        dirty = [self.inodes[ino] for ino in self.dirty_inos]
+        with self._change(flush=dirty) as ch:
+            gen = snapshots.take(ch.txn, self.env, self.vol_id, name)
+        # Chunk maps of the flush above were written at `gen`, inside the
+        # snapshot; from now on writes create new versions at gen + 1.
+        self.chain[0] = (self.vol_id, gen + 1)
+        return gen
 
     def fsync(self, ino: int) -> None:
         # Rule 2 and 3: returns only after the commit; a failure raises to

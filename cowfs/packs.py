@@ -15,6 +15,7 @@ What holds after a crash (kill -9 or power loss):
 """
 
 import errno
+import fcntl
 import os
 
 from . import schema
@@ -44,6 +45,8 @@ class PackStore:
         """Create an empty pack and make its existence durable."""
         fd = os.open(self.path(pack_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            # Held while we append: gc leaves share-locked packs alone.
+            fcntl.flock(fd, fcntl.LOCK_SH)
             os.write(fd, schema.PACK_HEADER.pack(schema.PACK_MAGIC, pack_id))
             os.fsync(fd)
             fsync_dir(self.packs_dir)
@@ -62,6 +65,13 @@ class PackStore:
             raise OSError(errno.EIO, f"pack {pack_id:08x} is shorter than the catalog says "
                                      f"(wanted {length} bytes at {offset})")
         return data
+
+    def drop_unlinked(self) -> None:
+        """Close read handles of packs gc removed, so their space is freed."""
+        for pack_id, fd in list(self._read_fds.items()):
+            if os.fstat(fd).st_nlink == 0:
+                os.close(fd)
+                del self._read_fds[pack_id]
 
     def size(self, pack_id: int) -> int:
         return os.stat(self.path(pack_id)).st_size

@@ -106,18 +106,28 @@ class Store:
 
     def lock_volume(self, vol_id: int, name: str, holder: str) -> "VolumeLock":
         """Take the exclusive lock that one read-write user of a volume holds."""
-        path = self.lock_path(vol_id)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            held_by = _read_small(fd)
-            os.close(fd)
-            raise BusyError(f"volume {name} is in use ({held_by or 'by another process'}); "
-                            f"unmount it first") from None
+        return _flock(self.lock_path(vol_id), fcntl.LOCK_EX, holder,
+                      f"volume {name} is in use ({{held_by}}); unmount it first")
+
+    def lock_snapshot(self, vol_id: int, gen: int, what: str, exclusive: bool, holder: str) -> "VolumeLock":
+        """Shared: a read-only mount of the snapshot; exclusive: freeing its data."""
+        path = os.path.join(self.run_dir, f"snap-{vol_id}-{gen}.lock")
+        return _flock(path, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, holder,
+                      f"snapshot {what} is in use ({{held_by}}); unmount it first")
+
+
+def _flock(path: str, mode: int, holder: str, busy_message: str) -> "VolumeLock":
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held_by = _read_small(fd) or "by another process"
+        os.close(fd)
+        raise BusyError(busy_message.format(held_by=held_by)) from None
+    if mode == fcntl.LOCK_EX:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{holder}, pid {os.getpid()}".encode(), 0)
-        return VolumeLock(fd)
+    return VolumeLock(fd, truncate=mode == fcntl.LOCK_EX)
 
 
 def _read_small(fd: int) -> str:
@@ -128,11 +138,19 @@ def _read_small(fd: int) -> str:
 
 
 class VolumeLock:
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, truncate: bool = True):
         self._fd = fd
+        self._truncate = truncate
 
     def release(self) -> None:
         if self._fd >= 0:
-            os.ftruncate(self._fd, 0)
+            if self._truncate:
+                os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()

@@ -43,7 +43,7 @@ def put_volume_record(txn, env, vol_id: int, record: dict) -> None:
         record["created_ns"], record["name"], record["flags"]), db=env.volumes)
 
 
-def _allocate_vol_id(txn, env) -> int:
+def allocate_vol_id(txn, env) -> int:
     vol_id = schema.unpack_le_u64(txn.get(b"next_vol_id", db=env.meta))
     txn.put(b"next_vol_id", schema.pack_le_u64(vol_id + 1), db=env.meta)
     return vol_id
@@ -60,7 +60,7 @@ def create_empty(txn, env, name: str) -> int:
     check_name(name)
     if txn.get(name.encode(), db=env.volnames) is not None:
         raise UsageError(f"volume {name!r} already exists")
-    vol_id = _allocate_vol_id(txn, env)
+    vol_id = allocate_vol_id(txn, env)
     now_ns = time.time_ns()
     put_volume_record(txn, env, vol_id, dict(
         head_gen=FIRST_GEN, parent_vol_id=0, parent_gen=0, next_ino=schema.FIRST_FREE_INO,

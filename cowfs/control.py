@@ -1,0 +1,136 @@
+"""Control socket of a mounted volume: how commands reach its daemon.
+
+``STORE/run/vol-<vol_id>.sock``, a Unix stream socket in the 0700 run
+directory, mode 0600; the daemon also checks the peer's credentials
+(SO_PEERCRED) and answers only root and the store's owner.
+
+Protocol: one JSON object per line each way. Request ``{"op": ...}``;
+answer ``{"ok": true, ...}`` or ``{"ok": false, "error": msg, "exit_code": n}``.
+Ops: ``snapshot`` (name), ``flush``, ``stats``.
+
+Unix socket paths are limited to 107 bytes, store paths are not: both sides
+address the socket relative to the run directory (bind/connect after a
+chdir, done while the process is single-threaded).
+"""
+
+import json
+import logging
+import os
+import socket
+import struct
+from typing import Awaitable, Callable
+
+import trio
+
+from .errors import BusyError, CowfsError
+
+log = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("3i")
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+def socket_name(vol_id: int) -> str:
+    return f"vol-{vol_id}.sock"
+
+
+def _in_dir(run_dir: str, func):
+    old = os.getcwd()
+    os.chdir(run_dir)
+    try:
+        return func()
+    finally:
+        os.chdir(old)
+
+
+def listen(run_dir: str, vol_id: int) -> socket.socket:
+    name = socket_name(vol_id)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def bind():
+        try:
+            os.unlink(name)        # a stale socket of a crashed daemon; we hold the volume lock
+        except FileNotFoundError:
+            pass
+        sock.bind(name)
+        os.chmod(name, 0o600)
+    _in_dir(run_dir, bind)
+    sock.listen(16)
+    return sock
+
+
+def remove(run_dir: str, vol_id: int) -> None:
+    try:
+        os.unlink(os.path.join(run_dir, socket_name(vol_id)))
+    except FileNotFoundError:
+        pass
+
+
+def _peer_allowed(sock) -> bool:
+    _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return uid in (0, os.getuid())
+
+
+async def serve(listener: socket.socket, handle: Callable[[dict], Awaitable[dict]]) -> None:
+    tsock = trio.socket.from_stdlib_socket(listener)
+    async with trio.open_nursery() as nursery:
+        while True:
+            conn, _ = await tsock.accept()
+            nursery.start_soon(_serve_one, conn, handle)
+
+
+async def _serve_one(conn, handle) -> None:
+    """One request; nothing that goes wrong here may take the mount down."""
+    stream = trio.SocketStream(conn)
+    try:
+        async with stream:
+            answer = await _answer(conn, stream, handle)
+            if answer is not None:
+                await stream.send_all(json.dumps(answer).encode() + b"\n")
+    except Exception:
+        log.exception("control connection failed")
+
+
+async def _answer(conn, stream, handle):
+    if not _peer_allowed(conn):
+        return dict(ok=False, error="permission denied: only root and the store owner may "
+                                    "control a mount", exit_code=1)
+    data = b""
+    while not data.endswith(b"\n") and len(data) < MAX_REQUEST_BYTES:
+        part = await stream.receive_some(4096)
+        if not part:
+            return None
+        data += part
+    try:
+        return await handle(json.loads(data))
+    except CowfsError as exc:
+        return dict(ok=False, error=str(exc), exit_code=exc.exit_code)
+    except Exception as exc:
+        log.exception("control request failed")
+        return dict(ok=False, error=f"daemon error: {exc}", exit_code=1)
+
+
+def request(run_dir: str, vol_id: int, payload: dict, timeout_s: float = 600.0) -> dict:
+    """Send one request to the daemon of a mounted volume; raise on its error."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    try:
+        _in_dir(run_dir, lambda: sock.connect(socket_name(vol_id)))
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            part = sock.recv(65536)
+            if not part:
+                break
+            data += part
+    except OSError as exc:
+        raise BusyError(f"the volume is mounted but its daemon does not answer ({exc}); "
+                        "check its log in STORE/run/") from exc
+    finally:
+        sock.close()
+    answer = json.loads(data) if data else dict(ok=False, error="daemon closed the connection", exit_code=1)
+    if not answer.get("ok"):
+        error = CowfsError(answer.get("error", "unknown daemon error"))
+        error.exit_code = answer.get("exit_code", 1)
+        raise error
+    return answer

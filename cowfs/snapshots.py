@@ -1,0 +1,373 @@
+"""Snapshots, clones, rollback, destroy and exact space accounting.
+
+All of it is metadata over the versioned catalog (see `catalog`):
+
+* snapshot  = record (vol, head_gen) under a name, bump the head: O(1).
+* clone     = a new volume whose chain continues at (vol, snapshot gen): O(1).
+* rollback  = snapshot the current head, then re-write at the new head the
+              version each key had at the target: O(changes since it).
+* destroy   = free the record versions no remaining *kept point* can see.
+  Kept points of a volume are its snapshots (named, or unnamed because a
+  clone depends on them) and its head. A version born at gen g is visible at
+  point T iff it is the newest version of its key with gen <= T. When the
+  point S (previous kept point P) goes away, the only candidates are versions
+  born in (P, S], and such a version survives iff it is still the newest at
+  the next kept point N. Cost O(versions born in (P, S]) = O(changes).
+
+Freed chunk-map versions drop their chunk reference in the same transaction
+(rule 4: the count reaches zero in a committed transaction before gc may
+reclaim the bytes). `would_free` runs the same walk without writing, so the
+figure `df` shows for a snapshot is exactly what destroying it frees.
+"""
+
+import collections
+import time
+from typing import Optional
+
+from . import catalog, schema, volumes
+from .errors import ExistsError, NotFoundError
+
+FLAG_HIDDEN = 1          # volume destroyed by name, kept for the clones that depend on it
+
+
+def parse_target(text: str) -> tuple[str, Optional[str]]:
+    """'vol' -> (vol, None); 'vol@snap' -> (vol, snap); names validated."""
+    vol, at, snap = text.partition("@")
+    volumes.check_name(vol)
+    if at:
+        volumes.check_name(snap, "snapshot")
+        return vol, snap
+    return vol, None
+
+
+# --- reading snapshot records ------------------------------------------------------------
+
+def snapshot_gen(txn, env, vol_id: int, vol_name: str, snap: str) -> int:
+    raw = txn.get(schema.snapname_key(vol_id, snap), db=env.snapnames)
+    if raw is None:
+        raise NotFoundError(f"volume {vol_name} has no snapshot {snap!r}; "
+                            "'cowfs list STORE' shows the snapshots")
+    return schema.read_u64(raw)
+
+
+def snapshots_of(txn, env, vol_id: int) -> list[tuple[int, dict]]:
+    """(gen, record) of every snapshot of a volume, oldest first, hidden ones included."""
+    prefix = schema.u64(vol_id)
+    out = []
+    cursor = txn.cursor(db=env.snapshots)
+    if cursor.set_range(prefix):
+        for key, raw in cursor:
+            if not bytes(key).startswith(prefix):
+                break
+            out.append((schema.read_u64(bytes(key), 8), schema.unpack_snapshot(bytes(raw))))
+    return out
+
+
+def dependents(txn, env, vol_id: int, gen: int) -> list[str]:
+    """Names of the clones whose chain continues at (vol_id, gen)."""
+    out = []
+    for _key, raw in txn.cursor(db=env.volumes):
+        record = schema.unpack_volume(bytes(raw))
+        if record["parent_vol_id"] == vol_id and record["parent_gen"] == gen:
+            out.append(record["name"])
+    return out
+
+
+def kept_points(txn, env, vol_id: int) -> list[int]:
+    record = volumes.volume_record(txn, env, vol_id)
+    points = [gen for gen, _ in snapshots_of(txn, env, vol_id)]
+    if not record["flags"] & FLAG_HIDDEN:
+        points.append(record["head_gen"])
+    return sorted(points)
+
+
+# --- creating -----------------------------------------------------------------------------
+
+def take(txn, env, vol_id: int, name: str) -> int:
+    """Record the head as snapshot `name` and move the head on; returns the snapshot gen.
+
+    The caller must have made every acknowledged write of the volume part of
+    this transaction or an earlier one (rule 5): the daemon of a mounted
+    volume does that, see `Filesystem.snapshot`.
+    """
+    volumes.check_name(name, "snapshot")
+    record = volumes.volume_record(txn, env, vol_id)
+    if txn.get(schema.snapname_key(vol_id, name), db=env.snapnames) is not None:
+        raise ExistsError(f"volume {record['name']} already has a snapshot {name!r}")
+    gen = record["head_gen"]
+    txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(time.time_ns(), name), db=env.snapshots)
+    txn.put(schema.snapname_key(vol_id, name), schema.u64(gen), db=env.snapnames)
+    record["head_gen"] = gen + 1
+    volumes.put_volume_record(txn, env, vol_id, record)
+    return gen
+
+
+def clone(txn, env, vol_id: int, gen: int, new_name: str) -> int:
+    """A writable volume that starts as (vol_id as of gen); O(1)."""
+    volumes.check_name(new_name)
+    if txn.get(new_name.encode(), db=env.volnames) is not None:
+        raise ExistsError(f"volume {new_name!r} already exists")
+    source = volumes.volume_record(txn, env, vol_id)
+    new_id = volumes.allocate_vol_id(txn, env)
+    volumes.put_volume_record(txn, env, new_id, dict(
+        head_gen=volumes.FIRST_GEN, parent_vol_id=vol_id, parent_gen=gen,
+        next_ino=source["next_ino"], created_ns=time.time_ns(), name=new_name, flags=0))
+    txn.put(new_name.encode(), schema.u64(new_id), db=env.volnames)
+    return new_id
+
+
+# --- freeing ---------------------------------------------------------------------------------
+
+def _dead_versions(txn, env, vol_id: int, lo: int, hi: int, next_point: Optional[int]):
+    """Versions born in (lo, hi] that no point >= next_point can see."""
+    cursor = txn.cursor(db=env.records)
+    born = txn.cursor(db=env.born)
+    start, end = schema.u64(vol_id) + schema.u64(lo + 1), schema.u64(vol_id) + schema.u64(hi + 1)
+    if not born.set_range(start):
+        return
+    for key, _ in born:
+        key = bytes(key)
+        if key >= end:
+            return
+        _vol, gen, kind, record_key = schema.split_born_key(key)
+        if next_point is not None:
+            newest = catalog._newest_version(cursor, vol_id, kind, record_key, next_point)
+            if newest is not None and newest[0] == gen:
+                continue
+        raw = txn.get(schema.versioned_key(vol_id, kind, record_key, gen), db=env.records)
+        yield gen, kind, record_key, bytes(raw)
+
+
+def _free(txn, env, vol_id: int, dead, batch) -> int:
+    dead = list(dead)
+    for gen, kind, record_key, raw in dead:
+        txn.delete(schema.versioned_key(vol_id, kind, record_key, gen), db=env.records)
+        txn.delete(schema.born_key(vol_id, gen, kind, record_key), db=env.born)
+        if kind == schema.KIND_CHUNK and raw[:1] == schema.TAG_LIVE:
+            batch.unref(raw[1:])
+    return len(dead)
+
+
+def _neighbours(points: list[int], gen: int) -> tuple[int, Optional[int]]:
+    idx = points.index(gen)
+    lo = points[idx - 1] if idx > 0 else 0
+    nxt = points[idx + 1] if idx + 1 < len(points) else None
+    return lo, nxt
+
+
+def _dead_for_point(txn, env, vol_id: int, gen: int):
+    lo, nxt = _neighbours(kept_points(txn, env, vol_id), gen)
+    return _dead_versions(txn, env, vol_id, lo, gen, nxt)
+
+
+def _all_versions(txn, env, vol_id: int):
+    prefix = schema.u64(vol_id)
+    cursor = txn.cursor(db=env.records)
+    if not cursor.set_range(prefix):
+        return
+    for key, raw in cursor:
+        key = bytes(key)
+        if not key.startswith(prefix):
+            return
+        _vol, kind, record_key, gen = schema.split_versioned_key(key)
+        yield gen, kind, record_key, bytes(raw)
+
+
+def bytes_freed(txn, env, dead) -> int:
+    """Chunk bytes whose last reference is among `dead` versions."""
+    refs = collections.Counter(raw[1:] for _g, kind, _k, raw in dead
+                               if kind == schema.KIND_CHUNK and raw[:1] == schema.TAG_LIVE)
+    total = 0
+    for chunk_id, count in refs.items():
+        _pack, _off, length, refcount = schema.unpack_chunk(txn.get(chunk_id, db=env.chunks))
+        if refcount == count:
+            total += length
+    return total
+
+
+def would_free_snapshot(txn, env, vol_id: int, gen: int) -> int:
+    if dependents(txn, env, vol_id, gen):
+        return 0
+    return bytes_freed(txn, env, list(_dead_for_point(txn, env, vol_id, gen)))
+
+
+def would_free_volume(txn, env, vol_id: int) -> int:
+    """Bytes destroying the volume frees (its clones keep what they need)."""
+    if _has_dependents(txn, env, vol_id):
+        record = volumes.volume_record(txn, env, vol_id)
+        dead = list(_dead_for_point(txn, env, vol_id, record["head_gen"]))
+        return bytes_freed(txn, env, dead)   # snapshots are destroyed separately
+    return bytes_freed(txn, env, list(_all_versions(txn, env, vol_id)))
+
+
+def _has_dependents(txn, env, vol_id: int) -> bool:
+    return any(dependents(txn, env, vol_id, gen) for gen, _ in snapshots_of(txn, env, vol_id))
+
+
+def destroy_snapshot(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> str:
+    """Remove a snapshot; a snapshot clones depend on only loses its name."""
+    gen = snapshot_gen(txn, env, vol_id, vol_name, snap)
+    holders = dependents(txn, env, vol_id, gen)
+    txn.delete(schema.snapname_key(vol_id, snap), db=env.snapnames)
+    if holders:
+        record = schema.unpack_snapshot(txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots))
+        txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(record["created_ns"], ""),
+                db=env.snapshots)
+        return f"snapshot {vol_name}@{snap} removed from the list; its data stays for clone(s) " \
+               f"{', '.join(holders)}"
+    _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, gen)), batch)
+    txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+    _collect_hidden(txn, env, vol_id, batch)
+    return f"destroyed snapshot {vol_name}@{snap}"
+
+
+def destroy_volume(txn, env, vol_id: int, name: str, batch) -> str:
+    """Remove a volume and its snapshots; what its clones need stays, unnamed."""
+    record = volumes.volume_record(txn, env, vol_id)
+    txn.delete(name.encode(), db=env.volnames)
+    if not _has_dependents(txn, env, vol_id):
+        _remove_volume(txn, env, vol_id, batch)
+        return f"destroyed volume {name}"
+    _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, record["head_gen"])), batch)
+    record["flags"] |= FLAG_HIDDEN
+    record["name"] = f"{name}~destroyed-{vol_id}"
+    volumes.put_volume_record(txn, env, vol_id, record)
+    kept = []
+    for gen, snap in snapshots_of(txn, env, vol_id):
+        if snap["name"]:
+            txn.delete(schema.snapname_key(vol_id, snap["name"]), db=env.snapnames)
+        if dependents(txn, env, vol_id, gen):
+            txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(snap["created_ns"], ""),
+                    db=env.snapshots)
+            kept.extend(dependents(txn, env, vol_id, gen))
+        else:
+            _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, gen)), batch)
+            txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+    return f"destroyed volume {name}; the data clone(s) {', '.join(sorted(set(kept)))} need stays"
+
+
+def _remove_volume(txn, env, vol_id: int, batch) -> None:
+    """Delete every record, snapshot and name of a volume nobody depends on."""
+    record = volumes.volume_record(txn, env, vol_id)
+    _free(txn, env, vol_id, list(_all_versions(txn, env, vol_id)), batch)
+    for gen, snap in snapshots_of(txn, env, vol_id):
+        txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+        if snap["name"]:
+            txn.delete(schema.snapname_key(vol_id, snap["name"]), db=env.snapnames)
+    _delete_prefix(txn, env.orphans, schema.u64(vol_id))
+    txn.delete(schema.u64(vol_id), db=env.volumes)
+    parent_id, parent_gen = record["parent_vol_id"], record["parent_gen"]
+    if parent_id:
+        _release_parent_snapshot(txn, env, parent_id, parent_gen, batch)
+
+
+def _release_parent_snapshot(txn, env, vol_id: int, gen: int, batch) -> None:
+    """The last clone of an unnamed snapshot is gone: free the snapshot too."""
+    raw = txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+    if raw is None or schema.unpack_snapshot(bytes(raw))["name"] or dependents(txn, env, vol_id, gen):
+        _collect_hidden(txn, env, vol_id, batch)
+        return
+    _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, gen)), batch)
+    txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+    _collect_hidden(txn, env, vol_id, batch)
+
+
+def _collect_hidden(txn, env, vol_id: int, batch) -> None:
+    raw = txn.get(schema.u64(vol_id), db=env.volumes)
+    if raw is None:
+        return
+    record = schema.unpack_volume(bytes(raw))
+    if record["flags"] & FLAG_HIDDEN and not snapshots_of(txn, env, vol_id):
+        _remove_volume(txn, env, vol_id, batch)
+
+
+def _delete_prefix(txn, db, prefix: bytes) -> None:
+    cursor = txn.cursor(db=db)
+    if cursor.set_range(prefix):
+        while cursor.key().startswith(prefix):
+            if not cursor.delete():
+                break
+
+
+# --- rollback and rename ----------------------------------------------------------------------
+
+def rollback(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> str:
+    """Make the head read as snapshot `snap`; the state before is kept as a snapshot."""
+    target_gen = snapshot_gen(txn, env, vol_id, vol_name, snap)
+    undo_name = time.strftime("pre-rollback-%Y%m%dT%H%M%SZ", time.gmtime())
+    while txn.get(schema.snapname_key(vol_id, undo_name), db=env.snapnames) is not None:
+        undo_name += "x"
+    old_head = take(txn, env, vol_id, undo_name)
+    head_chain = catalog.volume_chain(txn, env, vol_id)
+    target_chain = catalog.volume_chain(txn, env, vol_id, target_gen)
+    changed = {(kind, record_key) for _g, kind, record_key, _raw
+               in _dead_versions(txn, env, vol_id, target_gen, old_head, None)}
+    for kind, record_key in sorted(changed):
+        payload = catalog.get(txn, env, target_chain, kind, record_key)
+        if payload is None:
+            old = catalog.delete(txn, env, head_chain, kind, record_key)
+        else:
+            old = catalog.put(txn, env, head_chain, kind, record_key, payload)
+            if kind == schema.KIND_CHUNK:
+                batch.ref(payload)
+        if old is not None and kind == schema.KIND_CHUNK:
+            batch.unref(old)
+    _delete_prefix(txn, env.orphans, schema.u64(vol_id))
+    return f"volume {vol_name} rolled back to @{snap}; the state before is snapshot {vol_name}@{undo_name}"
+
+
+def rename_volume(txn, env, old: str, new: str) -> None:
+    volumes.check_name(new)
+    vol_id = volumes.volume_id(txn, env, old)
+    if txn.get(new.encode(), db=env.volnames) is not None:
+        raise ExistsError(f"volume {new!r} already exists")
+    record = volumes.volume_record(txn, env, vol_id)
+    record["name"] = new
+    volumes.put_volume_record(txn, env, vol_id, record)
+    txn.delete(old.encode(), db=env.volnames)
+    txn.put(new.encode(), schema.u64(vol_id), db=env.volnames)
+
+
+def rename_snapshot(txn, env, vol_id: int, vol_name: str, old: str, new: str) -> None:
+    volumes.check_name(new, "snapshot")
+    gen = snapshot_gen(txn, env, vol_id, vol_name, old)
+    if txn.get(schema.snapname_key(vol_id, new), db=env.snapnames) is not None:
+        raise ExistsError(f"volume {vol_name} already has a snapshot {new!r}")
+    record = schema.unpack_snapshot(txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots))
+    txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(record["created_ns"], new),
+            db=env.snapshots)
+    txn.delete(schema.snapname_key(vol_id, old), db=env.snapnames)
+    txn.put(schema.snapname_key(vol_id, new), schema.u64(gen), db=env.snapnames)
+
+
+# --- accounting ----------------------------------------------------------------------------------
+
+def logical_bytes(txn, env, chain) -> int:
+    """Sum of file sizes visible through a chain: O(inodes), independent of data size."""
+    total = 0
+    for _key, raw in catalog.scan(txn, env, chain, schema.KIND_INODE, b""):
+        attrs, _ = schema.unpack_inode(raw)
+        if attrs["mode"] & 0o170000 == 0o100000:
+            total += attrs["size"]
+    return total
+
+
+def written_bytes(txn, env, vol_id: int, lo: int, hi: int) -> int:
+    """Chunk bytes of chunk-map versions born in (lo, hi]: what was written in between."""
+    total = 0
+    born = txn.cursor(db=env.born)
+    start, end = schema.u64(vol_id) + schema.u64(lo + 1), schema.u64(vol_id) + schema.u64(hi + 1)
+    if not born.set_range(start):
+        return 0
+    for key, _ in born:
+        key = bytes(key)
+        if key >= end:
+            break
+        _vol, gen, kind, record_key = schema.split_born_key(key)
+        if kind != schema.KIND_CHUNK:
+            continue
+        raw = txn.get(schema.versioned_key(vol_id, kind, record_key, gen), db=env.records)
+        if raw[:1] == schema.TAG_LIVE:
+            entry = txn.get(bytes(raw[1:]), db=env.chunks)
+            total += schema.unpack_chunk(entry)[2]
+    return total
