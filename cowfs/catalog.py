@@ -26,6 +26,7 @@ caller does between two awaits in one transaction is atomic.
 from typing import Iterator, Optional
 
 from . import schema
+from .errors import StoreError
 from .schema import TAG_LIVE, TAG_TOMBSTONE
 
 Chain = list[tuple[int, int]]
@@ -38,7 +39,7 @@ def volume_chain(txn, env: "schema.Env", vol_id: int, as_of_gen: Optional[int] =
     while vol_id:
         raw = txn.get(schema.u64(vol_id), db=env.volumes)
         if raw is None:
-            raise LookupError(f"volume id {vol_id} is missing from the catalog")
+            raise StoreError(f"volume id {vol_id} is missing from the catalog; run 'cowfs fsck'")
         record = schema.unpack_volume(raw)
         chain.append((vol_id, record["head_gen"] if gen is None else gen))
         vol_id, gen = record["parent_vol_id"], record["parent_gen"]

@@ -10,6 +10,7 @@ import collections
 import stat
 
 from . import catalog, schema
+from .errors import StoreError
 from .store import Store
 
 
@@ -30,8 +31,12 @@ def check(store: Store, verify_data: bool = False) -> Report:
         refs = _check_records(txn, env, vols, report)
         _check_born_log(txn, env, report)
         _check_chunks(txn, store, refs, verify_data, report)
+        _check_snapshots(txn, env, vols, report)
         for vol_id, record in vols.items():
-            _check_tree(txn, env, vol_id, record, report)
+            try:
+                _check_tree(txn, env, vol_id, record, report)
+            except StoreError:
+                pass        # broken clone chain, reported by _check_volumes
     return report
 
 
@@ -70,6 +75,20 @@ def _check_chain(vols: dict, vol_id: int, record: dict, report: Report) -> None:
             return
         seen.add(parent_id)
         child, parent_id = parent, parent["parent_vol_id"]
+
+
+def _check_snapshots(txn, env, vols: dict, report: Report) -> None:
+    for key, raw in txn.cursor(db=env.snapshots):
+        vol_id, gen = schema.read_u64(bytes(key)), schema.read_u64(bytes(key), 8)
+        vol = vols.get(vol_id)
+        if vol is None:
+            report.add(f"snapshot at generation {gen} belongs to missing volume id {vol_id}")
+        elif gen >= vol["head_gen"]:
+            report.add(f"volume {vol['name']}: snapshot generation {gen} is not older than the head")
+    for key, raw in txn.cursor(db=env.snapnames):
+        vol_id, name = schema.read_u64(bytes(key)), bytes(key)[8:].decode(errors="replace")
+        if txn.get(schema.snapshot_key(vol_id, schema.read_u64(bytes(raw))), db=env.snapshots) is None:
+            report.add(f"snapshot name {name!r} of volume id {vol_id} points at no snapshot")
 
 
 # --- records ------------------------------------------------------------------------------
