@@ -83,7 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-data", action="store_true",
                    help="also re-read every chunk and compare it with its checksum (slow)")
     _add_snapshot_commands(sub)
+    for module in _command_modules():
+        module.add_commands(sub)
     return parser
+
+
+def _command_modules():
+    """CLI modules of other areas; each has add_commands(sub) and COMMANDS."""
+    from . import cli_lifecycle, cli_pg
+    return (cli_lifecycle, cli_pg)
 
 
 def _add_snapshot_commands(sub) -> None:
@@ -306,7 +314,10 @@ def main(argv=None) -> int:
             return errors.EXIT_USAGE
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                             format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-        return COMMANDS[args.command](args)
+        handlers = dict(COMMANDS)
+        for module in _command_modules():
+            handlers.update(module.COMMANDS)
+        return handlers[args.command](args)
     except CowfsError as exc:
         print(f"cowfs: {exc}", file=sys.stderr)
         return exc.exit_code
