@@ -46,6 +46,25 @@ Sub-databases (name: key -> value):
 ``packs``       pack_id u32 -> live_bytes u64, live_chunks u64
 ``orphans``     vol_id u64 | ino u64 -> b""  inodes unlinked while open; freed
                 at last close or at the next mount of the volume.
+``holds``       vol_id u64 | gen u64 -> created_ns i64 LE | utf-8 reason
+                A held snapshot (keyed by generation, so a rename keeps the
+                hold) cannot be destroyed, pruned, or lose its volume.
+``policies``    vol_id u64 -> PolicyRecord (see `pack_policy`): every_s u64,
+                keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly
+                u32 each (0 = rule not used). The daemon mounting the volume
+                re-reads it every tick, so a change needs no remount.
+``paths``       Reverse path index of volume heads, kept by `diff` (a cache:
+                dropping it loses nothing, the next diff rebuilds it).
+                vol_id u64 | b"G"                                -> gen u64
+                    the index reflects the head as of this generation; the
+                    ``born`` log after it is replayed on the next use.
+                vol_id u64 | b"F" | parent_ino u64 | name | 0x00 -> ino u64
+                    the dentries as indexed (to know what a change replaced).
+                vol_id u64 | b"R" | ino u64 | parent_ino u64 | name | 0x00 -> b""
+                    every name of an inode: ino -> path in O(depth).
+
+Snapshot record flags (``snapshots`` value): SNAP_FLAG_AUTO marks a snapshot
+taken by a schedule; only those are ever pruned.
 
 Pack file format (``packs/<pack_id:08x>.pack``)::
 
@@ -70,12 +89,19 @@ FIRST_FREE_INO = 2
 MAX_GEN = (1 << 64) - 1
 
 DB_NAMES = ("meta", "volumes", "volnames", "snapshots", "snapnames",
-            "records", "born", "chunks", "packs", "orphans")
+            "records", "born", "chunks", "packs", "orphans",
+            "holds", "policies", "paths")
 
 KIND_INODE = b"I"
 KIND_DENTRY = b"D"
 KIND_CHUNK = b"C"
 KIND_XATTR = b"X"
+
+SNAP_FLAG_AUTO = 1                  # taken by a schedule (policy); prunable
+
+PATHS_GEN = b"G"
+PATHS_FORWARD = b"F"
+PATHS_REVERSE = b"R"
 
 TAG_TOMBSTONE = b"\x00"
 TAG_LIVE = b"\x01"
@@ -93,6 +119,8 @@ _INODE = struct.Struct("<IIIIQQqqqQ")  # mode uid gid nlink rdev size atime mtim
 _CHUNK = struct.Struct("<IQIQ")        # pack_id offset length refcount
 _PACK = struct.Struct("<QQ")           # live_bytes live_chunks
 _LE_U64 = struct.Struct("<Q")
+_POLICY = struct.Struct("<QIIIII")   # every_s keep_last keep_hourly keep_daily keep_weekly keep_monthly
+_HOLD = struct.Struct("<q")          # created_ns, then the reason
 
 
 def u64(value: int) -> bytes:
@@ -174,6 +202,35 @@ def pack_key(pack_id: int) -> bytes:
     return _U32.pack(pack_id)
 
 
+def hold_key(vol_id: int, gen: int) -> bytes:
+    return _U64.pack(vol_id) + _U64.pack(gen)
+
+
+def policy_key(vol_id: int) -> bytes:
+    return _U64.pack(vol_id)
+
+
+def paths_gen_key(vol_id: int) -> bytes:
+    return _U64.pack(vol_id) + PATHS_GEN
+
+
+def paths_forward_key(vol_id: int, parent_ino: int, name: bytes) -> bytes:
+    return _U64.pack(vol_id) + PATHS_FORWARD + dentry_key(parent_ino, name)
+
+
+def paths_reverse_key(vol_id: int, ino: int, parent_ino: int, name: bytes) -> bytes:
+    return _U64.pack(vol_id) + PATHS_REVERSE + _U64.pack(ino) + dentry_key(parent_ino, name)
+
+
+def paths_reverse_prefix(vol_id: int, ino: int) -> bytes:
+    return _U64.pack(vol_id) + PATHS_REVERSE + _U64.pack(ino)
+
+
+def split_paths_reverse_key(raw: bytes) -> tuple[int, bytes]:
+    """(parent_ino, name) of a ``paths`` reverse key."""
+    return _U64.unpack_from(raw, 17)[0], raw[25:-1]
+
+
 # --- values ------------------------------------------------------------------
 
 def pack_volume(head_gen: int, parent_vol_id: int, parent_gen: int, next_ino: int,
@@ -196,6 +253,26 @@ def pack_snapshot(created_ns: int, name: str, flags: int = 0) -> bytes:
 def unpack_snapshot(raw: bytes) -> dict:
     created_ns, flags = _SNAPSHOT.unpack_from(raw)
     return dict(created_ns=created_ns, flags=flags, name=bytes(raw[_SNAPSHOT.size:]).decode())
+
+
+POLICY_FIELDS = ("every_s", "keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly")
+
+
+def pack_policy(policy: dict) -> bytes:
+    """PolicyRecord; keep_* of 0 means the rule is not used."""
+    return _POLICY.pack(*(policy[f] for f in POLICY_FIELDS))
+
+
+def unpack_policy(raw: bytes) -> dict:
+    return dict(zip(POLICY_FIELDS, _POLICY.unpack_from(raw)))
+
+
+def pack_hold(created_ns: int, reason: str) -> bytes:
+    return _HOLD.pack(created_ns) + reason.encode()
+
+
+def unpack_hold(raw: bytes) -> dict:
+    return dict(created_ns=_HOLD.unpack_from(raw)[0], reason=bytes(raw[_HOLD.size:]).decode())
 
 
 INODE_FIELDS = ("mode", "uid", "gid", "nlink", "rdev", "size",

@@ -25,7 +25,7 @@ import time
 from typing import Optional
 
 from . import catalog, schema, volumes
-from .errors import ExistsError, NotFoundError
+from .errors import BusyError, ExistsError, NotFoundError
 
 FLAG_HIDDEN = 1          # volume destroyed by name, kept for the clones that depend on it
 
@@ -83,19 +83,21 @@ def kept_points(txn, env, vol_id: int) -> list[int]:
 
 # --- creating -----------------------------------------------------------------------------
 
-def take(txn, env, vol_id: int, name: str) -> int:
+def take(txn, env, vol_id: int, name: str, created_ns: Optional[int] = None, flags: int = 0) -> int:
     """Record the head as snapshot `name` and move the head on; returns the snapshot gen.
 
     The caller must have made every acknowledged write of the volume part of
     this transaction or an earlier one (rule 5): the daemon of a mounted
-    volume does that, see `Filesystem.snapshot`.
+    volume does that, see `Filesystem.snapshot`. created_ns defaults to now
+    (an injected clock passes its own); flags: schema.SNAP_FLAG_AUTO.
     """
     volumes.check_name(name, "snapshot")
     record = volumes.volume_record(txn, env, vol_id)
     if txn.get(schema.snapname_key(vol_id, name), db=env.snapnames) is not None:
         raise ExistsError(f"volume {record['name']} already has a snapshot {name!r}")
     gen = record["head_gen"]
-    txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(time.time_ns(), name), db=env.snapshots)
+    created_ns = time.time_ns() if created_ns is None else created_ns
+    txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(created_ns, name, flags), db=env.snapshots)
     txn.put(schema.snapname_key(vol_id, name), schema.u64(gen), db=env.snapnames)
     record["head_gen"] = gen + 1
     volumes.put_volume_record(txn, env, vol_id, record)
@@ -114,6 +116,45 @@ def clone(txn, env, vol_id: int, gen: int, new_name: str) -> int:
         next_ino=source["next_ino"], created_ns=time.time_ns(), name=new_name, flags=0))
     txn.put(new_name.encode(), schema.u64(new_id), db=env.volnames)
     return new_id
+
+
+def mark_auto(txn, env, vol_id: int, gen: int) -> None:
+    """Flag a snapshot as taken by a schedule (prunable by the volume's policy)."""
+    record = schema.unpack_snapshot(txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots))
+    txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(
+        record["created_ns"], record["name"], record["flags"] | schema.SNAP_FLAG_AUTO), db=env.snapshots)
+
+
+# --- holds ------------------------------------------------------------------------------------
+# A hold is keyed by (volume, generation), so renaming a held snapshot keeps it held.
+
+def hold_of(txn, env, vol_id: int, gen: int) -> Optional[dict]:
+    raw = txn.get(schema.hold_key(vol_id, gen), db=env.holds)
+    return None if raw is None else schema.unpack_hold(bytes(raw))
+
+
+def hold(txn, env, vol_id: int, vol_name: str, snap: str, reason: str) -> str:
+    gen = snapshot_gen(txn, env, vol_id, vol_name, snap)
+    previous = hold_of(txn, env, vol_id, gen)
+    txn.put(schema.hold_key(vol_id, gen), schema.pack_hold(time.time_ns(), reason), db=env.holds)
+    if previous is not None:
+        return f"snapshot {vol_name}@{snap} was already held; reason now: {reason or '(none)'}"
+    return f"snapshot {vol_name}@{snap} is held; it cannot be destroyed or pruned until released"
+
+
+def release(txn, env, vol_id: int, vol_name: str, snap: str) -> str:
+    gen = snapshot_gen(txn, env, vol_id, vol_name, snap)
+    if not txn.delete(schema.hold_key(vol_id, gen), db=env.holds):
+        raise NotFoundError(f"snapshot {vol_name}@{snap} is not held; nothing to release")
+    return f"released snapshot {vol_name}@{snap}"
+
+
+def _refuse_if_held(txn, env, vol_id: int, gen: int, target: str) -> None:
+    held = hold_of(txn, env, vol_id, gen)
+    if held is not None:
+        because = f" ({held['reason']})" if held["reason"] else ""
+        raise BusyError(f"snapshot {target} is held{because}; release it first with "
+                        f"'cowfs release STORE {target}'")
 
 
 # --- freeing ---------------------------------------------------------------------------------
@@ -191,6 +232,27 @@ def would_free_snapshot(txn, env, vol_id: int, gen: int) -> int:
     return bytes_freed(txn, env, list(_dead_for_point(txn, env, vol_id, gen)))
 
 
+def would_free_snapshots(txn, env, vol_id: int, gens) -> int:
+    """Exact chunk bytes destroying all snapshots `gens` together frees.
+
+    Not the sum of `would_free_snapshot`: a version two of them share is
+    freed only when both go. Removing a run of adjacent points S1 < ... < Sk
+    between remaining points P and N frees the versions born in (P, Sk] that
+    N cannot see, which is what destroying them one by one does.
+    """
+    remove = {gen for gen in gens if not dependents(txn, env, vol_id, gen)}
+    remaining = [p for p in kept_points(txn, env, vol_id) if p not in remove]
+    runs: dict[tuple[int, Optional[int]], int] = {}
+    for gen in remove:
+        lo = max((p for p in remaining if p < gen), default=0)
+        nxt = min((p for p in remaining if p > gen), default=None)
+        runs[(lo, nxt)] = max(gen, runs.get((lo, nxt), 0))
+    dead = []
+    for (lo, nxt), hi in runs.items():
+        dead.extend(_dead_versions(txn, env, vol_id, lo, hi, nxt))
+    return bytes_freed(txn, env, dead)
+
+
 def would_free_volume(txn, env, vol_id: int) -> int:
     """Bytes destroying the volume frees (its clones keep what they need)."""
     if _has_dependents(txn, env, vol_id):
@@ -207,6 +269,7 @@ def _has_dependents(txn, env, vol_id: int) -> bool:
 def destroy_snapshot(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> str:
     """Remove a snapshot; a snapshot clones depend on only loses its name."""
     gen = snapshot_gen(txn, env, vol_id, vol_name, snap)
+    _refuse_if_held(txn, env, vol_id, gen, f"{vol_name}@{snap}")
     holders = dependents(txn, env, vol_id, gen)
     txn.delete(schema.snapname_key(vol_id, snap), db=env.snapnames)
     if holders:
@@ -224,7 +287,10 @@ def destroy_snapshot(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> 
 def destroy_volume(txn, env, vol_id: int, name: str, batch) -> str:
     """Remove a volume and its snapshots; what its clones need stays, unnamed."""
     record = volumes.volume_record(txn, env, vol_id)
+    for gen, snap in snapshots_of(txn, env, vol_id):
+        _refuse_if_held(txn, env, vol_id, gen, f"{name}@{snap['name']}")
     txn.delete(name.encode(), db=env.volnames)
+    _forget_lifecycle(txn, env, vol_id)
     if not _has_dependents(txn, env, vol_id):
         _remove_volume(txn, env, vol_id, batch)
         return f"destroyed volume {name}"
@@ -246,6 +312,12 @@ def destroy_volume(txn, env, vol_id: int, name: str, batch) -> str:
     return f"destroyed volume {name}; the data clone(s) {', '.join(sorted(set(kept)))} need stays"
 
 
+def _forget_lifecycle(txn, env, vol_id: int) -> None:
+    """A destroyed volume takes no more scheduled snapshots and needs no path index."""
+    txn.delete(schema.policy_key(vol_id), db=env.policies)
+    _delete_prefix(txn, env.paths, schema.u64(vol_id))
+
+
 def _remove_volume(txn, env, vol_id: int, batch) -> None:
     """Delete every record, snapshot and name of a volume nobody depends on."""
     record = volumes.volume_record(txn, env, vol_id)
@@ -255,6 +327,8 @@ def _remove_volume(txn, env, vol_id: int, batch) -> None:
         if snap["name"]:
             txn.delete(schema.snapname_key(vol_id, snap["name"]), db=env.snapnames)
     _delete_prefix(txn, env.orphans, schema.u64(vol_id))
+    _delete_prefix(txn, env.holds, schema.u64(vol_id))
+    _forget_lifecycle(txn, env, vol_id)
     txn.delete(schema.u64(vol_id), db=env.volumes)
     parent_id, parent_gen = record["parent_vol_id"], record["parent_gen"]
     if parent_id:
@@ -334,6 +408,8 @@ def rename_snapshot(txn, env, vol_id: int, vol_name: str, old: str, new: str) ->
     if txn.get(schema.snapname_key(vol_id, new), db=env.snapnames) is not None:
         raise ExistsError(f"volume {vol_name} already has a snapshot {new!r}")
     record = schema.unpack_snapshot(txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots))
+    # A renamed snapshot is one somebody chose to keep: it stops being automatic,
+    # so its schedule never prunes it.
     txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(record["created_ns"], new),
             db=env.snapshots)
     txn.delete(schema.snapname_key(vol_id, old), db=env.snapnames)
