@@ -9,7 +9,7 @@ mount it halfway through.
 import time
 from typing import Optional
 
-from . import control, schema, snapshots, volumes
+from . import control, policy, schema, snapshots, volumes
 from .errors import BusyError, UsageError
 from .store import Store
 
@@ -149,6 +149,192 @@ def rename(store: Store, old: str, new: str) -> str:
     return f"renamed snapshot {old} to {old_vol}@{new_snap}"
 
 
+# --- holds and policies ---------------------------------------------------------------------
+
+def _snapshot_target(target: str, verb: str) -> tuple[str, str]:
+    vol, snap = snapshots.parse_target(target)
+    if snap is None:
+        raise UsageError(f"give the snapshot to {verb} as VOLUME@NAME, e.g. {vol}@before-upgrade")
+    return vol, snap
+
+
+def hold(store: Store, target: str, reason: str = "") -> str:
+    vol, snap = _snapshot_target(target, "hold")
+    if "\n" in reason or len(reason) > 1000:
+        raise UsageError("a hold reason is one line of at most 1000 characters")
+    with store.env.begin(write=True) as txn:
+        return snapshots.hold(txn, store.env, volumes.volume_id(txn, store.env, vol), vol, snap, reason)
+
+
+def release(store: Store, target: str) -> str:
+    vol, snap = _snapshot_target(target, "release")
+    with store.env.begin(write=True) as txn:
+        return snapshots.release(txn, store.env, volumes.volume_id(txn, store.env, vol), vol, snap)
+
+
+def set_policy(store: Store, vol: str, new: Optional[policy.Policy]) -> str:
+    """Store (or with None remove) the schedule of a volume; its daemon picks it up within a second."""
+    with store.env.begin(write=True) as txn:
+        vol_id = volumes.volume_id(txn, store.env, vol)
+        if new is None:
+            if not policy.delete(txn, store.env, vol_id):
+                raise UsageError(f"volume {vol} has no schedule; nothing to turn off")
+            return f"schedule of {vol} turned off; its automatic snapshots stay until destroyed"
+        policy.put(txn, store.env, vol_id, new)
+    return f"schedule of {vol}: {new.describe()}"
+
+
+def policies(store: Store) -> list[dict]:
+    with store.env.begin() as txn:
+        names = {vol_id: name for name, vol_id in volumes.list_volumes(txn, store.env)}
+        rows = []
+        for vol_id, pol in policy.all_policies(txn, store.env):
+            if vol_id in names:
+                rows.append(dict(volume=names[vol_id], **pol.__dict__, summary=pol.describe(),
+                                 last_auto=_last_auto_text(txn, store.env, vol_id)))
+    return rows
+
+
+def _last_auto_text(txn, env, vol_id: int) -> Optional[str]:
+    last_ns = last_auto_ns(txn, env, vol_id)
+    return None if last_ns is None else _fmt_time(last_ns)
+
+
+def last_auto_ns(txn, env, vol_id: int) -> Optional[int]:
+    times = [rec["created_ns"] for _gen, rec in snapshots.snapshots_of(txn, env, vol_id)
+             if rec["name"] and rec["flags"] & schema.SNAP_FLAG_AUTO]
+    return max(times, default=None)
+
+
+# --- pruning -----------------------------------------------------------------------------------
+
+def snapshot_infos(txn, env, vol_id: int) -> list[policy.SnapInfo]:
+    return [policy.SnapInfo(gen=gen, name=rec["name"], created_ns=rec["created_ns"],
+                            auto=bool(rec["flags"] & schema.SNAP_FLAG_AUTO),
+                            held=snapshots.hold_of(txn, env, vol_id, gen) is not None,
+                            has_clones=bool(snapshots.dependents(txn, env, vol_id, gen)))
+            for gen, rec in snapshots.snapshots_of(txn, env, vol_id) if rec["name"]]
+
+
+def _plan(txn, env, vol_id: int, vol: str) -> tuple[policy.Policy, list[policy.SnapInfo]]:
+    pol = policy.get(txn, env, vol_id)
+    if pol is None:
+        raise UsageError(f"volume {vol} has no schedule, so nothing is pruned; set one with "
+                         f"'cowfs policy STORE {vol} --every 1h --keep 24'")
+    return pol, policy.plan_prune(snapshot_infos(txn, env, vol_id), pol)
+
+
+def prune(store: Store, vol: str, dry_run: bool = False) -> dict:
+    """Apply (or with dry_run only show) the retention of a volume's schedule.
+
+    Safe while the volume is mounted: destroying a snapshot never touches
+    versions the head sees, and the head's daemon writes at its own
+    generation, which pruning does not change.
+    """
+    with store.env.begin() as txn:
+        vol_id = volumes.volume_id(txn, store.env, vol)
+        _pol, doomed = _plan(txn, store.env, vol_id, vol)
+        if dry_run:
+            frees = snapshots.would_free_snapshots(txn, store.env, vol_id, [s.gen for s in doomed])
+            return dict(volume=vol, dry_run=True, destroy=[_plan_row(vol, s) for s in doomed],
+                        frees_bytes=frees, skipped=[])
+    return prune_volume(store, vol_id, vol)
+
+
+def _plan_row(vol: str, info: policy.SnapInfo) -> dict:
+    return dict(name=f"{vol}@{info.name}", created=_fmt_time(info.created_ns), gen=info.gen)
+
+
+def prune_volume(store: Store, vol_id: int, vol: str) -> dict:
+    """Destroy what the schedule no longer keeps, in one committed transaction (rule 4).
+
+    Used by `cowfs prune` and by the daemon after each automatic snapshot.
+    A snapshot mounted read-only (its lock is share-held) is skipped this
+    time and pruned by a later run.
+    """
+    with store.env.begin() as txn:
+        _pol, doomed = _plan(txn, store.env, vol_id, vol)
+    locks, skipped = [], []
+    for info in doomed:
+        try:
+            locks.append((info, store.lock_snapshot(vol_id, info.gen, f"{vol}@{info.name}",
+                                                    exclusive=True, holder="cowfs prune")))
+        except BusyError as exc:
+            skipped.append(dict(name=f"{vol}@{info.name}", why=str(exc)))
+    try:
+        return _destroy_locked(store, vol_id, vol, [info for info, _ in locks], skipped)
+    finally:
+        for _info, lock in locks:
+            lock.release()
+
+
+def _destroy_locked(store: Store, vol_id: int, vol: str, locked: list, skipped: list) -> dict:
+    batch = store.chunks.batch()
+    destroyed = []
+    with store.env.begin(write=True) as txn:
+        # Re-plan inside the write transaction: a hold, clone or prune that
+        # landed since the plan above wins.
+        _pol, doomed = _plan(txn, store.env, vol_id, vol)
+        still = {info.gen for info in doomed}
+        todo = [info for info in locked if info.gen in still]
+        frees = snapshots.would_free_snapshots(txn, store.env, vol_id, [i.gen for i in todo])
+        for info in todo:
+            snapshots.destroy_snapshot(txn, store.env, vol_id, vol, info.name, batch)
+            destroyed.append(_plan_row(vol, info))
+        batch.apply(txn)
+    return dict(volume=vol, dry_run=False, destroy=destroyed, frees_bytes=frees, skipped=skipped)
+
+
+def run_schedule(store: Store, vol: str, now_ns: int) -> Optional[str]:
+    """One scheduler step for an *unmounted* volume with an injected clock.
+
+    Takes the automatic snapshot if due (named and dated by `now_ns`), then
+    prunes. The daemon of a mounted volume does the same with the real clock
+    (`daemon._scheduler`). Returns the new snapshot's name, or None.
+    """
+    vol_id = _vol_id(store, vol)
+    with _require_unmounted(store, vol_id, vol, "running its schedule here"):
+        with store.env.begin(write=True) as txn:
+            pol = policy.get(txn, store.env, vol_id)
+            if pol is None or not policy.is_due(pol, last_auto_ns(txn, store.env, vol_id), now_ns):
+                return None
+            name = free_snapshot_name(txn, store.env, vol_id, policy.auto_name(now_ns))
+            snapshots.take(txn, store.env, vol_id, name, created_ns=now_ns, flags=schema.SNAP_FLAG_AUTO)
+        prune_volume(store, vol_id, vol)
+    return name
+
+
+def free_snapshot_name(txn, env, vol_id: int, base: str) -> str:
+    """`base`, or `base-2`, `base-3`... if taken (two ticks in one millisecond)."""
+    name, n = base, 1
+    while txn.get(schema.snapname_key(vol_id, name), db=env.snapnames) is not None:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def flush_if_mounted(store: Store, vol_id: int) -> bool:
+    """Ask the daemon of a mounted volume to commit every acknowledged write.
+
+    Used before reading a volume head from another process (diff), so the
+    head read includes what applications were told is written. Without a
+    control socket the volume is not mounted read-write and LMDB is current.
+    """
+    import os
+    if not os.path.exists(os.path.join(store.run_dir, control.socket_name(vol_id))):
+        return False
+    try:
+        control.request(store.run_dir, vol_id, dict(op="flush"))
+    except BusyError:
+        # A socket left by a crashed daemon: nothing is buffered anywhere.
+        lock = _try_lock(store, vol_id, f"volume id {vol_id}", "cowfs diff")
+        if lock is None:
+            raise
+        lock.release()
+        return False
+    return True
+
+
 # --- reporting ---------------------------------------------------------------------------------
 
 def _fmt_time(ns: int) -> str:
@@ -181,13 +367,17 @@ def _volume_rows(txn, env, vol_id: int, name: str) -> list[dict]:
     prev_gen = 0
     for gen, snap in snapshots.snapshots_of(txn, env, vol_id):
         if snap["name"]:
+            held = snapshots.hold_of(txn, env, vol_id, gen)
             rows.append(dict(
                 name=f"{name}@{snap['name']}", type="snapshot", origin=None,
                 created=_fmt_time(snap["created_ns"]), gen=gen,
                 logical_bytes=snapshots.logical_bytes(txn, env, catalog.volume_chain(txn, env, vol_id, gen)),
                 written_bytes=snapshots.written_bytes(txn, env, vol_id, prev_gen, gen),
                 unique_bytes=snapshots.would_free_snapshot(txn, env, vol_id, gen),
-                clones=snapshots.dependents(txn, env, vol_id, gen)))
+                clones=snapshots.dependents(txn, env, vol_id, gen),
+                auto=bool(snap["flags"] & schema.SNAP_FLAG_AUTO), held=held is not None,
+                hold_reason=None if held is None else held["reason"],
+                held_since=None if held is None else _fmt_time(held["created_ns"])))
         prev_gen = gen
     head = record["head_gen"]
     rows.insert(0, dict(
@@ -195,8 +385,14 @@ def _volume_rows(txn, env, vol_id: int, name: str) -> list[dict]:
         gen=head, logical_bytes=snapshots.logical_bytes(txn, env, catalog.volume_chain(txn, env, vol_id)),
         written_bytes=snapshots.written_bytes(txn, env, vol_id, prev_gen, head),
         unique_bytes=snapshots.bytes_freed(txn, env, list(snapshots._dead_for_point(txn, env, vol_id, head))),
-        clones=[]))
+        clones=[], auto=False, held=False, hold_reason=None, held_since=None,
+        policy=_policy_text(txn, env, vol_id)))
     return rows
+
+
+def _policy_text(txn, env, vol_id: int) -> Optional[str]:
+    pol = policy.get(txn, env, vol_id)
+    return None if pol is None else pol.describe()
 
 
 def df(store: Store) -> dict:

@@ -23,7 +23,7 @@ from typing import Optional
 import pyfuse3
 import trio
 
-from . import control, snapshots, volumes
+from . import admin, control, policy, snapshots, volumes
 from .errors import BusyError, CowfsError, NotFoundError, StoreIOError, UsageError
 from .filesystem import Filesystem
 from .fuse_ops import FuseOps
@@ -145,6 +145,52 @@ def _syncfs(path: str) -> None:
         os.close(fd)
 
 
+# --- scheduled snapshots ----------------------------------------------------------------------
+
+SCHEDULER_BACKOFF_S = 5.0
+
+
+async def _scheduler(fs: Filesystem, mountpoint: str) -> None:
+    """Automatic snapshots of the mounted volume by its policy, pruning after each.
+
+    The policy is re-read at every tick (at least once a second), so
+    `cowfs policy` takes effect without a remount. Nothing here may take the
+    mount down: a failed step is logged and retried later.
+    """
+    pol = None
+    while True:
+        await trio.sleep(policy.tick_interval_s(pol))
+        try:
+            pol = await _scheduled_step(fs, mountpoint)
+        except Exception:
+            log.exception("scheduled snapshot of volume id %d failed; retrying later", fs.vol_id)
+            await trio.sleep(SCHEDULER_BACKOFF_S)
+
+
+async def _scheduled_step(fs: Filesystem, mountpoint: str) -> Optional[policy.Policy]:
+    with fs.env.begin() as txn:
+        pol = policy.get(txn, fs.env, fs.vol_id)
+        last_ns = None if pol is None else admin.last_auto_ns(txn, fs.env, fs.vol_id)
+    if pol is None or not policy.is_due(pol, last_ns, time.time_ns()):
+        return pol
+    # Rule 5, as for `cowfs snapshot`: the kernel hands over its cached
+    # writes, then flush and snapshot commit in one transaction.
+    await trio.to_thread.run_sync(_syncfs, mountpoint)
+    with fs.env.begin() as txn:
+        name = admin.free_snapshot_name(txn, fs.env, fs.vol_id, policy.auto_name(time.time_ns()))
+        vol_name = volumes.volume_record(txn, fs.env, fs.vol_id)["name"]
+    gen = fs.snapshot(name)
+    # A second commit: a crash in between leaves a manual-looking snapshot,
+    # which is never pruned by surprise (the safe side).
+    with fs.env.begin(write=True) as txn:
+        snapshots.mark_auto(txn, fs.env, fs.vol_id, gen)
+    result = admin.prune_volume(fs.store, fs.vol_id, vol_name)
+    log.info("scheduled snapshot %s@%s; pruned %d (%d bytes freed)%s", vol_name, name,
+             len(result["destroy"]), result["frees_bytes"],
+             f", {len(result['skipped'])} in use" if result["skipped"] else "")
+    return pol
+
+
 def _control_handler(fs: Filesystem, mountpoint: str):
     async def handle(request: dict) -> dict:
         op = request.get("op")
@@ -170,6 +216,8 @@ async def _serve(fs: Filesystem, mountpoint: str, commit_interval_s: float, list
         nursery.start_soon(_unmount_on_signal, mountpoint)
         if listener is not None:
             nursery.start_soon(control.serve, listener, _control_handler(fs, mountpoint))
+        if not fs.read_only:
+            nursery.start_soon(_scheduler, fs, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
