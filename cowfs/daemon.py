@@ -112,10 +112,14 @@ async def _periodic_flush(fs: Filesystem, interval_s: float) -> None:
         try:
             fs.flush_all()
             fs.store.packs.drop_unlinked()
-        except Exception:
-            # Rule 3: the data stays buffered; the next fsync retries and
-            # reports the failure to its caller.
-            log.exception("background flush failed; data stays buffered")
+        except Exception as exc:
+            if fs.stopped is not None:
+                # Rule 3: logged once where it failed; every later fsync
+                # fails with EIO, so there is nothing left to flush here.
+                return
+            # A full disk: the data stays buffered and the pack clean; the
+            # next fsync retries it and reports any failure to its caller.
+            log.warning("background flush failed (%s); data stays buffered", exc)
 
 
 async def _unmount_on_signal(mountpoint: str) -> None:
@@ -336,7 +340,8 @@ def _final_flush(fs: Filesystem) -> Optional[str]:
         fs.flush_all()
         return None
     except Exception as exc:
-        log.exception("final flush failed: buffered writes were NOT saved")
+        # Rule 3: `cowfs umount` reports this (exit 7) instead of success.
+        log.error("final flush failed: buffered writes were NOT saved: %s", exc)
         return f"final flush failed, buffered writes were not saved: {exc}"
 
 

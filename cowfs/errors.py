@@ -78,3 +78,26 @@ class ChunkDamagedError(FsError):
 
     def __init__(self, detail: str):
         super().__init__(_errno.EIO, detail)
+
+
+class VolumeStoppedError(FsError, CowfsError):
+    """A flush of the volume failed for a reason other than a full disk.
+
+    Rule 3: the fsync covering the data failed, and no later fsync may report
+    success for it, so the mounted volume stops: every later fsync, write and
+    change fails with EIO until it is unmounted and mounted again (like ext4's
+    errors=remount-ro). Committed data is untouched; reads keep working.
+    Raised by the filesystem (the FUSE gate sees an `FsError` with EIO) and
+    by control requests (the CLI sees a `CowfsError` with EXIT_IO).
+    """
+
+    exit_code = EXIT_IO
+
+    def __init__(self, detail: str):
+        Exception.__init__(self, _errno.EIO, detail)     # both bases' state, set directly
+        self.errno = _errno.EIO
+        self.message = (f"{detail}; the volume stopped accepting writes: unmount it, fix the "
+                        "disk, mount again (writes after the last successful fsync are lost)")
+
+    def __str__(self) -> str:
+        return self.message

@@ -20,8 +20,13 @@ Durability (DESIGN rules, cited in code by number):
  2. fsync/fdatasync/fsyncdir return after one commit covering every
     buffered write of the volume (group commit: one pack sync + one LMDB
     commit for all files) -- namespace operations are already committed;
- 3. a failed flush raises to the fsync caller and leaves the data buffered
-    (dirty), so a later fsync retries it rather than reporting a false success;
+ 3. a failed flush raises to the fsync caller and is never reported as a
+    success later. A full disk (a pack write or the LMDB commit refused for
+    space) leaves the data buffered and the pack clean, so a later fsync
+    rewrites all of it durably and may succeed. Any other failure (a failed
+    pack fdatasync, an I/O error) *stops* the volume: every later fsync,
+    write and change fails with EIO until remount (`VolumeStoppedError`),
+    because the kernel may have dropped the pages an earlier fsync covered;
  6. nothing is committed that refers to bytes not yet durable.
 """
 
@@ -33,9 +38,12 @@ import stat
 import time
 from typing import Iterable, Optional
 
-from . import catalog, schema, snapshots, volumes
+import lmdb
+
+from . import catalog, faults, schema, snapshots, volumes
 from .chunks import ChunkBatch, is_zero
-from .errors import FsError
+from .errors import FsError, VolumeStoppedError
+from .packs import PackSyncError
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,27 @@ XATTR_VALUE_MAX_BYTES = 64 * 1024
 DIRTY_LIMIT_BYTES = 64 << 20        # flush when buffered chunks exceed this
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# LMDB reports a short page write -- what a full filesystem gives -- as EIO.
+# Below this much free space, an LMDB write error counts as a full disk.
+LMDB_FULL_DISK_SLACK_BYTES = 1 << 20
+
+
+def is_full_disk(exc: BaseException, meta_dir: str) -> bool:
+    """Did a flush fail only for lack of space, with nothing acknowledged lost?"""
+    if isinstance(exc, PackSyncError):
+        return False             # rule 3: a failed sync is never retried into a success
+    if isinstance(exc, lmdb.MapFullError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in FULL_DISK_ERRNOS
+    if isinstance(exc, lmdb.Error):
+        try:
+            st = os.statvfs(meta_dir)
+        except OSError:
+            return False
+        return st.f_bfree * st.f_frsize < LMDB_FULL_DISK_SLACK_BYTES
+    return False
 
 
 class Inode:
@@ -127,6 +156,7 @@ class Filesystem:
         self.dirty_bytes = 0
         self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
         self._next_dir_fh = 1
+        self.stopped: Optional[str] = None     # why the volume stopped (rule 3), or None
 
     # --- loading -----------------------------------------------------------------
 
@@ -158,6 +188,8 @@ class Filesystem:
     def _check_writable(self) -> None:
         if self.read_only:
             raise FsError(errno.EROFS, "snapshot mounts are read-only")
+        if self.stopped is not None:
+            raise VolumeStoppedError(self.stopped)
 
     @staticmethod
     def _check_name(name: bytes) -> None:
@@ -205,22 +237,47 @@ class Filesystem:
         """A committed change that also writes the buffers of `flush` inodes.
 
         extra_chunks: (inode, chunk_index, bytes) to store in the same commit.
+        Errors of the body (EEXIST...) abort it and change nothing; errors of
+        the flush itself go through `_flush_guard` (rule 3).
         """
         self._check_writable()
         flush = list({inode.ino: inode for inode in flush}.values())
         batch = self.store.chunks.batch()
-        staged = self._stage(flush, batch)
-        extra = {}
-        for inode, idx, data in extra_chunks:
-            extra.setdefault(inode.ino, (inode, {}))[1][idx] = None if is_zero(data) else batch.add(data)
-        batch.sync()                                    # rule 1
-        with self.env.begin(write=True) as txn:
+        with self._flush_guard():
+            staged = self._stage(flush, batch)
+            extra = {}
+            for inode, idx, data in extra_chunks:
+                extra.setdefault(inode.ino, (inode, {}))[1][idx] = None if is_zero(data) else batch.add(data)
+            batch.sync()                                # rule 1
+        txn = self.env.begin(write=True)
+        try:
             change = _Change(self, txn, batch, {inode.ino for inode in flush})
             yield change
             self._finish_change(txn, batch, change, staged, extra)
-            batch.apply(txn)
-        # committed (rule 2): now memory may follow
+            with self._flush_guard():
+                batch.apply(txn)
+        except BaseException:
+            txn.abort()
+            raise
+        with self._flush_guard():
+            faults.point("commit.before")
+            txn.commit()                                # the commit point (rule 2)
+        faults.point("commit.after")
         self._after_commit(change, staged)
+
+    @contextlib.contextmanager
+    def _flush_guard(self):
+        """Sort a failed flush: full disk (retry later is honest) or stop (rule 3)."""
+        try:
+            yield
+        except (OSError, lmdb.Error) as exc:
+            if is_full_disk(exc, os.path.join(self.store.path, "meta")):
+                log.warning("volume %d: flush failed, disk full (%s); data stays buffered",
+                            self.vol_id, exc)
+                raise FsError(errno.ENOSPC, f"store {self.store.path} is full: {exc}") from exc
+            self.stopped = f"flushing volume {self.vol_id} of {self.store.path} failed: {exc}"
+            log.error("%s; the volume stops accepting writes until remounted (rule 3)", self.stopped)
+            raise VolumeStoppedError(self.stopped) from exc
 
     def _finish_change(self, txn, batch, change: _Change, staged, extra) -> None:
         purged = {inode.ino for inode in change.purged}
@@ -257,6 +314,8 @@ class Filesystem:
 
     def flush_all(self) -> None:
         """Commit every buffered write of the volume (group commit, rule 2)."""
+        if self.stopped is not None:
+            raise VolumeStoppedError(self.stopped)     # rule 3: never a late success
         if not self.dirty_inos:
             return
         with self._change(flush=[self.inodes[ino] for ino in self.dirty_inos]):
@@ -277,7 +336,9 @@ class Filesystem:
 
     def fsync(self, ino: int) -> None:
         # Rule 2 and 3: returns only after the commit; a failure raises to
-        # the caller and the buffers stay dirty for the next attempt.
+        # the caller, and once the volume stopped every later fsync fails.
+        if self.stopped is not None:
+            raise VolumeStoppedError(self.stopped)
         self.flush_all()
 
     # --- attributes ------------------------------------------------------------------

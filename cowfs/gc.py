@@ -12,12 +12,17 @@ Safe while volumes are mounted and written:
   place; only after that commit is the old file unlinked. A reader that
   looked a location up just before finds the file gone and looks again
   (`ChunkStore.read`).
+* A chunk whose bytes no longer match its id is never copied: it stays in
+  its pack, which therefore stays, so fsck --verify-data keeps naming it.
+* A crash at any step (see the `faults.point` names) leaves either the old
+  location or the new one committed; fsck is clean after each.
 """
 
 import fcntl
 import os
 
-from . import schema
+from . import faults, schema
+from .chunks import chunk_id_of
 from .store import Store
 
 DEFAULT_MIN_DEAD_FRACTION = 0.25
@@ -64,11 +69,14 @@ def _compact(store: Store, pack_id: int) -> int:
     moved = []
     for chunk_id, offset, length in list(_live_entries(store, pack_id)):
         data = store.packs.read(pack_id, offset, length)
+        if chunk_id_of(data) != chunk_id:
+            continue         # damaged: leave it (and so its pack) where fsck finds it
         writer = store.chunks._active_writer()
         new_offset = writer.append(chunk_id, data)
         batch._writers.add(writer)
         moved.append((chunk_id, offset, writer.pack_id, new_offset, length))
     batch.sync()                                            # rule 1
+    faults.point("gc.copied")
     with env.begin(write=True) as txn:
         for chunk_id, old_offset, new_pack, new_offset, length in moved:
             raw = txn.get(chunk_id, db=env.chunks)
@@ -79,6 +87,7 @@ def _compact(store: Store, pack_id: int) -> int:
                 continue
             txn.put(chunk_id, schema.pack_chunk(new_pack, new_offset, length, refcount), db=env.chunks)
             _shift_stats(txn, env, pack_id, new_pack, length)
+    faults.point("gc.moved")
     return len(moved)
 
 
@@ -90,6 +99,12 @@ def _shift_stats(txn, env, old_pack: int, new_pack: int, length: int) -> None:
         txn.put(key, schema.pack_pack_stats(live_bytes + sign * length, live_chunks + sign), db=env.packs)
 
 
+def _live_chunks(store: Store, pack_id: int) -> int:
+    with store.env.begin() as txn:
+        raw = txn.get(schema.pack_key(pack_id), db=store.env.packs)
+    return schema.unpack_pack_stats(raw)[1] if raw else 0
+
+
 def _drop_if_empty(store: Store, pack_id: int) -> int:
     """Remove an empty pack: its stats first (committed), then the file."""
     env = store.env
@@ -99,6 +114,7 @@ def _drop_if_empty(store: Store, pack_id: int) -> int:
         if raw is not None and schema.unpack_pack_stats(raw)[1] != 0:
             return 0
         txn.delete(schema.pack_key(pack_id), db=env.packs)
+    faults.point("gc.dropping")
     size = os.path.getsize(path)
     os.unlink(path)
     return size
@@ -119,10 +135,10 @@ def collect(store: Store, min_dead_fraction: float = DEFAULT_MIN_DEAD_FRACTION) 
             with store.env.begin() as txn:
                 raw = txn.get(schema.pack_key(pack_id), db=store.env.packs)
             live_bytes, live_chunks = schema.unpack_pack_stats(raw) if raw else (0, 0)
-            if live_chunks and (size - live_bytes) / size >= min_dead_fraction:
+            if live_chunks and size and (size - live_bytes) / size >= min_dead_fraction:
                 result["chunks_moved"] += _compact(store, pack_id)
                 result["packs_compacted"] += 1
-                live_chunks = 0
+                live_chunks = _live_chunks(store, pack_id)
             if live_chunks == 0:
                 freed = _drop_if_empty(store, pack_id)
                 result["packs_removed"] += 1 if freed else 0

@@ -14,6 +14,7 @@ What holds after a crash (kill -9 or power loss):
   committed record refers to them, because callers sync before they commit.
 """
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -21,6 +22,16 @@ import os
 from . import schema
 
 PACK_TARGET_BYTES = 64 << 20     # start a new pack beyond this size
+
+
+class PackSyncError(OSError):
+    """fdatasync of a pack failed: its unsynced bytes may be gone (rule 3).
+
+    Distinct from a failed write: after a failed write nothing was
+    acknowledged and the caller still holds the bytes; after a failed sync
+    the kernel may have dropped dirty pages and a retry could "succeed"
+    without them (PostgreSQL's fsyncgate), so callers treat it as fatal.
+    """
 
 
 def fsync_dir(path: str) -> None:
@@ -34,6 +45,8 @@ def fsync_dir(path: str) -> None:
 class PackStore:
     """The directory of pack files of one store."""
 
+    writer_class: type = None     # PackWriter, set below (a test-only subclass in `faults`)
+
     def __init__(self, packs_dir: str):
         self.packs_dir = packs_dir
         self._read_fds: dict[int, int] = {}
@@ -43,17 +56,23 @@ class PackStore:
 
     def create(self, pack_id: int) -> "PackWriter":
         """Create an empty pack and make its existence durable."""
-        fd = os.open(self.path(pack_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        path = self.path(pack_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             # Held while we append: gc leaves share-locked packs alone.
             fcntl.flock(fd, fcntl.LOCK_SH)
-            os.write(fd, schema.PACK_HEADER.pack(schema.PACK_MAGIC, pack_id))
+            if os.write(fd, schema.PACK_HEADER.pack(schema.PACK_MAGIC, pack_id)) != schema.PACK_HEADER.size:
+                raise OSError(errno.ENOSPC, f"short write creating pack {path}")
             os.fsync(fd)
             fsync_dir(self.packs_dir)
         except BaseException:
             os.close(fd)
+            # Nothing refers to the new pack yet; on a full disk do not leave
+            # one empty file per retry behind.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             raise
-        return PackWriter(pack_id, fd, schema.PACK_HEADER.size)
+        return self.writer_class(pack_id, fd, schema.PACK_HEADER.size)
 
     def read(self, pack_id: int, offset: int, length: int) -> bytes:
         fd = self._read_fds.get(pack_id)
@@ -109,7 +128,7 @@ class PackWriter:
         header = schema.ENTRY_HEADER.pack(schema.ENTRY_MAGIC, len(data), chunk_id)
         start = self.size_bytes
         try:
-            written = os.pwritev(self._fd, [header, data], start)
+            written = self._pwritev([header, data], start)
             if written != len(header) + len(data):
                 raise OSError(errno.ENOSPC, "short write to pack file")
         except OSError:
@@ -128,13 +147,22 @@ class PackWriter:
     def sync(self) -> None:
         """Make every appended byte durable (rule 1: before any commit naming it)."""
         try:
-            os.fdatasync(self._fd)
-        except OSError:
+            self._fdatasync()
+        except OSError as exc:
             # After a failed fdatasync the kernel may have dropped the dirty
             # pages; nothing in this file written since the last good sync
             # can be trusted, so never append to it again (rule 3).
             self.broken = True
-            raise
+            raise PackSyncError(exc.errno, f"syncing pack {self.pack_id:08x} failed: "
+                                           f"{exc.strerror or exc}") from exc
+
+    # The two operating-system calls, separate so that the test-only fakes
+    # in `faults` can fail them without replacing any logic above.
+    def _pwritev(self, buffers: list, offset: int) -> int:
+        return os.pwritev(self._fd, buffers, offset)
+
+    def _fdatasync(self) -> None:
+        os.fdatasync(self._fd)
 
     @property
     def full(self) -> bool:
@@ -142,3 +170,6 @@ class PackWriter:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+PackStore.writer_class = PackWriter

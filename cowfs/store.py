@@ -11,10 +11,10 @@ import uuid
 
 import lmdb
 
-from . import schema
+from . import faults, schema
 from .chunks import ChunkStore
 from .errors import BusyError, ExistsError, NotFoundError, StoreError, UsageError
-from .packs import PackStore, fsync_dir
+from .packs import fsync_dir
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -28,7 +28,8 @@ class Store:
     def __init__(self, path: str, env: schema.Env):
         self.path = path
         self.env = env
-        self.packs = PackStore(os.path.join(path, "packs"))
+        faults.install_from_env()      # test-only; does nothing unless COWFS_FAULTS is set
+        self.packs = faults.pack_store(os.path.join(path, "packs"))
         self.chunks = ChunkStore(env, self.packs)
         with env.begin() as txn:
             self.chunk_size = schema.unpack_le_u64(txn.get(b"chunk_size", db=env.meta))
@@ -81,9 +82,14 @@ class Store:
             env = schema.Env(meta_dir)
         except lmdb.Error as exc:
             raise StoreError(f"metadata of store {path} cannot be opened ({exc}); "
-                             "restore it from a copy or run 'cowfs fsck'") from exc
-        with env.begin() as txn:
-            version = txn.get(b"format_version", db=env.meta)
+                             "restore meta/ from a copy") from exc
+        try:
+            with env.begin() as txn:
+                version = txn.get(b"format_version", db=env.meta)
+        except lmdb.Error as exc:
+            env.close()
+            raise StoreError(f"metadata of store {path} is damaged ({exc}); "
+                             "restore meta/ from a copy") from exc
         if version is None:
             env.close()
             raise StoreError(f"store {path} has no format version (interrupted init?); "

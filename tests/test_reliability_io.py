@@ -1,0 +1,147 @@
+"""I/O errors: the fsync covering the data fails, and no later fsync succeeds for it.
+
+A test-only fault layer (`cowfs.faults`, switched on by the COWFS_FAULTS
+environment variable of the mount daemon) makes the N-th pack write or
+fdatasync fail once, after the test armed it by creating a file. The
+rest -- the pack writer, the filesystem, the FUSE gate, the daemon -- is the
+real product on a real FUSE mount.
+
+Rule 3 of the design: a failed flush is reported to the caller of fsync and
+never reported as a success later. After a failed pack sync the kernel may
+have dropped the pages, so the volume stops (every later fsync, write and
+change gets EIO) until it is mounted again; committed data stays readable.
+A full disk is different: the pack write is undone, nothing was dropped, the
+data stays buffered, and a later fsync really writes it.
+"""
+
+import errno
+import os
+
+import pytest
+
+from cowfs import errors
+from helpers import Mount, cowfs, daemon_pid, fsck_clean
+
+
+def mount_with_faults(store: str, mountpoint: str, spec: str) -> Mount:
+    """Mount through `cowfs mount` with a fault plan for its daemon (tests only)."""
+    os.makedirs(mountpoint, exist_ok=True)
+    cowfs("mount", store, mountpoint, env={**os.environ, "COWFS_FAULTS": spec})
+    mount = Mount(store, mountpoint)
+    mount.pid = daemon_pid(mountpoint)
+    return mount
+
+
+def write_file(path: str, data: bytes, fsync: bool = True) -> int:
+    """Write `data` to a new file; returns the still-open descriptor."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, data)
+    if fsync:
+        os.fsync(fd)
+    return fd
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def assert_errno(code: int, func, *args) -> None:
+    with pytest.raises(OSError) as exc:
+        func(*args)
+    assert exc.value.errno == code, exc.value
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("fault", ["pack_sync=EIO@1", "pack_write=EIO@1"])
+def test_failed_pack_io_must_fail_every_later_fsync_until_remount(store, workdir, fault):
+    arm = os.path.join(workdir, "arm")
+    mount = mount_with_faults(store, os.path.join(workdir, "mnt"), f"{fault},armed_by={arm}")
+    committed = os.urandom(200_000)
+    try:
+        os.close(write_file(f"{mount.path}/committed", committed))
+        open(arm, "w").close()
+        fd = write_file(f"{mount.path}/lost", os.urandom(100_000), fsync=False)
+        try:
+            assert_errno(errno.EIO, os.fsync, fd)
+            os.unlink(arm)                              # the fault is gone ...
+            assert_errno(errno.EIO, os.fsync, fd)       # ... still no late success
+            assert_errno(errno.EIO, os.fdatasync, fd)
+        finally:
+            os.close(fd)
+        other = os.open(f"{mount.path}/committed", os.O_RDONLY)
+        try:
+            assert_errno(errno.EIO, os.fsync, other)    # the whole volume stopped
+        finally:
+            os.close(other)
+        assert_errno(errno.EIO, os.mkdir, f"{mount.path}/newdir")
+        assert read_file(f"{mount.path}/committed") == committed
+        assert alive(mount.pid), "the daemon died of an I/O error"
+        result = cowfs("umount", mount.path, check=False)
+        assert result.returncode == errors.EXIT_IO, result.stderr
+        assert "buffered writes were not saved" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    finally:
+        mount.close()
+    fsck_clean(store)
+    mount = Mount(store, os.path.join(workdir, "mnt")).mount()    # no faults: a restart
+    try:
+        assert read_file(f"{mount.path}/committed") == committed
+        with open(f"{mount.path}/after", "wb") as f:
+            f.write(b"writes work again")
+            os.fsync(f.fileno())
+    finally:
+        mount.close()
+    fsck_clean(store)
+
+
+def test_full_disk_on_pack_write_fails_fsync_and_a_retry_stores_the_data(store, workdir):
+    """ENOSPC: the write was undone and the bytes kept, so a later fsync is honest."""
+    arm = os.path.join(workdir, "arm")
+    mount = mount_with_faults(store, os.path.join(workdir, "mnt"), f"pack_write=ENOSPC@1,armed_by={arm}")
+    data = os.urandom(150_000)
+    try:
+        open(arm, "w").close()
+        fd = write_file(f"{mount.path}/f", data, fsync=False)
+        try:
+            assert_errno(errno.ENOSPC, os.fsync, fd)
+            os.fsync(fd)                                # space came back: really written now
+        finally:
+            os.close(fd)
+        assert alive(mount.pid)
+        mount.umount()
+    finally:
+        mount.close()
+    fsck_clean(store)
+    mount = Mount(store, os.path.join(workdir, "mnt")).mount()
+    try:
+        assert read_file(f"{mount.path}/f") == data
+    finally:
+        mount.close()
+    fsck_clean(store)
+
+
+def test_snapshot_of_a_stopped_volume_is_refused_with_exit_code_io(store, workdir):
+    arm = os.path.join(workdir, "arm")
+    mount = mount_with_faults(store, os.path.join(workdir, "mnt"), f"pack_sync=EIO@1,armed_by={arm}")
+    try:
+        open(arm, "w").close()
+        fd = write_file(f"{mount.path}/f", os.urandom(50_000), fsync=False)
+        try:
+            assert_errno(errno.EIO, os.fsync, fd)
+        finally:
+            os.close(fd)
+        result = cowfs("snapshot", store, "main@after-error", check=False)
+        assert result.returncode == errors.EXIT_IO, result.stderr
+        assert "stopped accepting writes" in result.stderr
+        assert "after-error" not in cowfs("list", store).stdout
+    finally:
+        mount.close()
+    fsck_clean(store)
