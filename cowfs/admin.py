@@ -335,6 +335,28 @@ def flush_if_mounted(store: Store, vol_id: int) -> bool:
     return True
 
 
+# --- diff ---------------------------------------------------------------------------------------
+
+def diff(store: Store, text_a: str, text_b: str) -> dict:
+    """Changes between two points of one volume; a head is read after its daemon flushed."""
+    from . import diff as diff_mod
+    with store.env.begin() as txn:
+        a = diff_mod.resolve_point(txn, store.env, text_a)
+        b = diff_mod.resolve_point(txn, store.env, text_b)
+    diff_mod.check_same_volume(a, b)
+    if a.is_head or b.is_head:
+        flush_if_mounted(store, a.vol_id)
+    with store.env.begin(write=True) as txn:
+        index_stats = diff_mod.refresh_index(txn, store.env, a.vol_id)
+    with store.env.begin() as txn:
+        # Re-resolve: a head read now includes what the flush committed.
+        a = diff_mod.resolve_point(txn, store.env, text_a)
+        b = diff_mod.resolve_point(txn, store.env, text_b)
+        report = diff_mod.compare(txn, store.env, a, b, store.chunk_size)
+    report["stats"].update(index_stats)
+    return {"from": a.label, "to": b.label, **report}
+
+
 # --- reporting ---------------------------------------------------------------------------------
 
 def _fmt_time(ns: int) -> str:
