@@ -123,6 +123,9 @@ def _drop_if_empty(store: Store, pack_id: int) -> int:
 def collect(store: Store, min_dead_fraction: float = DEFAULT_MIN_DEAD_FRACTION) -> dict:
     """One gc pass over every pack no process is appending to."""
     result = dict(packs_removed=0, packs_compacted=0, chunks_moved=0, bytes_before=0, bytes_after=0)
+    # Compaction copies the live part to free the dead part, so it may use
+    # the space reserve: it is how a full store gets space back.
+    store.packs.keep_reserve = False
     for pack_id in store.packs.pack_ids():
         path = store.packs.path(pack_id)
         size = os.path.getsize(path)

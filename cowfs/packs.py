@@ -22,6 +22,13 @@ import os
 from . import schema
 
 PACK_TARGET_BYTES = 64 << 20     # start a new pack beyond this size
+# Space that chunk writes leave free on the store's filesystem, so that the
+# metadata commits which free space (unlink, destroy, gc) still fit when the
+# disk is "full" -- LMDB is copy-on-write and needs new pages even to delete.
+# Like ZFS's slop space: 1% of the filesystem, at least 4 MiB, at most 1 GiB.
+RESERVE_FRACTION = 0.01
+RESERVE_MIN_BYTES = 4 << 20
+RESERVE_MAX_BYTES = 1 << 30
 
 
 class PackSyncError(OSError):
@@ -50,6 +57,17 @@ class PackStore:
     def __init__(self, packs_dir: str):
         self.packs_dir = packs_dir
         self._read_fds: dict[int, int] = {}
+        # gc turns this off: compaction writes a little to free a lot.
+        self.keep_reserve = True
+
+    def space_for_chunks(self) -> int:
+        """Bytes chunk writes may still use before reaching the reserve."""
+        st = os.statvfs(self.packs_dir)
+        reserve = 0
+        if self.keep_reserve:
+            total = st.f_blocks * st.f_frsize
+            reserve = min(RESERVE_MAX_BYTES, max(RESERVE_MIN_BYTES, int(total * RESERVE_FRACTION)))
+        return st.f_bavail * st.f_frsize - reserve
 
     def path(self, pack_id: int) -> str:
         return os.path.join(self.packs_dir, f"{pack_id:08x}.pack")
@@ -72,7 +90,7 @@ class PackStore:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
-        return self.writer_class(pack_id, fd, schema.PACK_HEADER.size)
+        return self.writer_class(pack_id, fd, schema.PACK_HEADER.size, self.space_for_chunks)
 
     def read(self, pack_id: int, offset: int, length: int) -> bytes:
         fd = self._read_fds.get(pack_id)
@@ -115,17 +133,20 @@ class PackStore:
 class PackWriter:
     """The one pack a process appends to. Not shared between processes."""
 
-    def __init__(self, pack_id: int, fd: int, size_bytes: int):
+    def __init__(self, pack_id: int, fd: int, size_bytes: int, space_for_chunks=None):
         self.pack_id = pack_id
         self._fd = fd
         self.size_bytes = size_bytes
         self.broken = False
+        self._space_for_chunks = space_for_chunks
+        self._budget_bytes = 0         # may append this much before asking statvfs again
 
     def append(self, chunk_id: bytes, data: bytes) -> int:
         """Append one entry; return the offset of its data bytes."""
         if self.broken:
             raise OSError(errno.EIO, f"pack {self.pack_id:08x} had a write error; use a new pack")
         header = schema.ENTRY_HEADER.pack(schema.ENTRY_MAGIC, len(data), chunk_id)
+        self._take_space(len(header) + len(data))
         start = self.size_bytes
         try:
             written = self._pwritev([header, data], start)
@@ -136,6 +157,19 @@ class PackWriter:
             raise
         self.size_bytes = start + written
         return start + len(header)
+
+    def _take_space(self, length: int) -> None:
+        """ENOSPC before the reserve is touched (see RESERVE_FRACTION)."""
+        if self._space_for_chunks is None or self._budget_bytes >= length:
+            self._budget_bytes -= length
+            return
+        # Half of what is left: other writers (LMDB, other daemons) share it.
+        self._budget_bytes = self._space_for_chunks() // 2
+        if self._budget_bytes < length:
+            self._budget_bytes = 0
+            raise OSError(errno.ENOSPC, "the store's filesystem is full (the rest is reserved for "
+                                        "metadata); free space with 'cowfs destroy' and 'cowfs gc'")
+        self._budget_bytes -= length
 
     def _undo_to(self, size_bytes: int) -> None:
         """Drop a partial entry so that the next append starts clean."""
