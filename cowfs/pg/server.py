@@ -185,6 +185,27 @@ class PgServer:
                              result.stderr if result.stderr.strip() else result.stdout)
         return result.stdout
 
+    def run_result(self, program: str, *args: str, cwd: Optional[str] = None,
+                   timeout_s: float = DEFAULT_TIMEOUT_S) -> subprocess.CompletedProcess:
+        """Run ``bin/<program> ARGS`` as the owner and return its full result, failed or not.
+
+        For programs whose complete output is the report (pg_upgrade): the
+        caller decides what a non-zero exit means and what to show of it.
+        stderr is merged into stdout so the text reads in the order written.
+        """
+        try:
+            return subprocess.run([self.program(program), *map(str, args)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, timeout=timeout_s,
+                                  **self._spawn_kwargs(cwd))
+        except subprocess.TimeoutExpired as exc:
+            raise self.error(f"{program} did not finish within {timeout_s:.0f} s",
+                             _text(exc.output)) from None
+
+    def owner_ids(self) -> Optional[tuple]:
+        """(uid, gid) programs run as, or None when we are not root (no switch)."""
+        owner = self._owner()
+        return None if owner is None else (owner.uid, owner.gid)
+
     def error(self, summary: str, output: str = "") -> PgError:
         """A one-line `PgError`: summary, the program's last words, the server log's tail."""
         parts = [f"{summary} on {self.data_dir}"]
@@ -214,40 +235,53 @@ class PgServer:
 
     # --- cluster lifecycle ---------------------------------------------------------------
 
-    def initdb(self, *, data_checksums: bool = False, extra_args: Sequence[str] = ()) -> None:
+    def initdb(self, *, data_checksums: bool = False, extra_args: Sequence[str] = (),
+               encoding: str = "UTF8", lc_collate: Optional[str] = None,
+               lc_ctype: Optional[str] = None, os_owner: Optional[tuple] = None) -> None:
         """Create the cluster; the data directory may be missing or empty.
 
         When we are root, a missing or root-owned empty directory is first
-        given to ``os_user`` with mode 0700, as PostgreSQL demands.
+        given to ``os_user`` (or ``os_owner`` = (uid, gid)) with mode 0700,
+        as PostgreSQL demands. ``lc_collate``/``lc_ctype`` default to the
+        locale C.UTF-8; an upgrade passes the old cluster's values, which
+        pg_upgrade requires to match.
         """
-        self._prepare_data_dir()
-        args = ["-D", self.data_dir, "--locale=C.UTF-8", "-E", "UTF8", "-U", DB_SUPERUSER,
+        self._prepare_data_dir(os_owner)
+        args = ["-D", self.data_dir, "--locale=C.UTF-8", "-E", encoding, "-U", DB_SUPERUSER,
                 "--auth=trust", "--no-instructions"]
+        if lc_collate:
+            args.append(f"--lc-collate={lc_collate}")
+        if lc_ctype:
+            args.append(f"--lc-ctype={lc_ctype}")
         if data_checksums:
             args.append("--data-checksums")
         self.run("initdb", *args, *extra_args, what="initdb")
 
-    def _prepare_data_dir(self) -> None:
+    def _prepare_data_dir(self, os_owner: Optional[tuple] = None) -> None:
         if not os.path.exists(self.data_dir):
             os.mkdir(self.data_dir, 0o700)
         owner = self._owner()
         if owner is not None and os.stat(self.data_dir).st_uid == 0:
-            os.chown(self.data_dir, owner.uid, owner.gid)
+            uid, gid = os_owner or (owner.uid, owner.gid)
+            os.chown(self.data_dir, uid, gid)
         os.chmod(self.data_dir, 0o700)
 
     def start(self, port: int, socket_dir: str, *, settings: Optional[dict] = None,
-              timeout_s: float = START_TIMEOUT_S) -> None:
+              timeout_s: float = START_TIMEOUT_S, listen_addresses: str = "") -> None:
         """Start the server and return once it accepts connections (``pg_ctl -w``).
 
         ``socket_dir`` is created (mode 0700, owned by the server's user) if
         missing. ``settings`` become ``-c name=value`` options for this run.
+        ``listen_addresses`` is empty (Unix socket only) unless a caller, such
+        as a cutover that takes over a live server's addresses, says otherwise.
         Crash recovery happens here, so the timeout is generous.
         """
         self.port, self.socket_dir = int(port), os.path.abspath(socket_dir)
         self._prepare_socket_dir()
         if self.log_path is None:
             self.log_path = os.path.join(self.socket_dir, f"postgresql-{self.port}.log")
-        options = ["-p", str(self.port), "-k", self.socket_dir, "-c", "listen_addresses="]
+        options = ["-p", str(self.port), "-k", self.socket_dir,
+                   "-c", f"listen_addresses={listen_addresses}"]
         for name, value in (settings or {}).items():
             options += ["-c", f"{name}={value}"]
         # pg_ctl hands -o to /bin/sh, hence the quoting.

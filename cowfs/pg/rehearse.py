@@ -1,0 +1,131 @@
+"""`cowfs pg rehearse-upgrade`: the whole upgrade on a clone, while the live cluster serves.
+
+    snapshot-live   VOL@rehearsal-<time>; through VOL's daemon when mounted
+                    (rule 5: every write acknowledged before is in it)
+    clone           VOL-rehearsal-<time> from that snapshot
+    mount-clone     in a workspace under /tmp
+    ...             the upgrade steps of `upgrade.Upgrader`, each followed by
+                    a snapshot of the clone
+
+The live volume is only ever read through that one snapshot; the live server
+is never contacted. What stays afterwards, by design, is named in the report:
+the snapshot VOL@rehearsal-<time> and the clone volume with its step
+snapshots (both are what a person wants to inspect after a failure; `cowfs
+destroy STORE CLONE` then `cowfs destroy STORE VOL@rehearsal-...` remove
+them). With ``keep`` the clone also stays mounted and, if the rehearsal
+passed, the new server stays running on it.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from .. import admin
+from ..errors import CowfsError, NotFoundError
+from ..store import Store
+from .report import Report
+from .upgrade import Upgrader, UpgradePlan, check_pgdata, check_versions, read_check_sql
+from .workspace import Workspace
+
+
+@dataclass
+class RehearsalOptions:
+    store: str
+    volume: str
+    pgdata: str
+    old_bin: str
+    new_bin: str
+    check_sql_path: Optional[str] = None
+    database: str = "postgres"
+    port: Optional[int] = None
+    keep: bool = False
+    clone_name: Optional[str] = None
+
+
+def stamp() -> str:
+    """A UTC time for names: sortable, unique enough for one person's commands."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() // 1_000_000 % 1000:03d}"
+
+
+def rehearse(opts: RehearsalOptions) -> Report:
+    """Run the rehearsal; the report says what passed, what failed and what remains."""
+    pgdata = check_pgdata(opts.pgdata)
+    old_major, new_major = check_versions(opts.old_bin, opts.new_bin)
+    check_sql = read_check_sql(opts.check_sql_path)
+    store = Store.open(opts.store)
+    try:
+        _check_volume(store, opts.volume)
+        when = stamp()
+        clone = opts.clone_name or f"{opts.volume}-rehearsal-{when}"
+        report = Report("rehearse-upgrade")
+        report.facts.update(volume=opts.volume, clone=clone, old_major=old_major,
+                            new_major=new_major)
+        ws = Workspace()
+        plan = UpgradePlan(store=store, clone=clone, mountpoint=ws.mountpoint(clone), pgdata=pgdata,
+                           old_bin=opts.old_bin, new_bin=opts.new_bin, old_major=old_major,
+                           new_major=new_major, check_sql=check_sql,
+                           check_sql_name=opts.check_sql_path or "", database=opts.database,
+                           port=opts.port)
+        _run(store, opts, plan, report, ws, f"{opts.volume}@rehearsal-{when}")
+        return report
+    finally:
+        store.close()
+
+
+def _check_volume(store: Store, volume: str) -> None:
+    names = {row["name"] for row in _volumes(store)}
+    if volume not in names:
+        raise NotFoundError(f"no volume named {volume!r} in {store.path}; 'cowfs list "
+                            f"{store.path}' shows the volumes")
+
+
+def _volumes(store: Store) -> list:
+    from .. import volumes
+    with store.env.begin() as txn:
+        return [dict(name=name, vol_id=vol_id) for name, vol_id in volumes.list_volumes(txn, store.env)]
+
+
+def _run(store, opts: RehearsalOptions, plan: UpgradePlan, report: Report, ws: Workspace,
+         live_snapshot: str) -> None:
+    server = None
+    try:
+        with report.step("snapshot-live") as step:
+            admin.snapshot(store, live_snapshot)
+            report.snapshots.append(live_snapshot)
+            step.snapshot = live_snapshot
+            step.detail = "the live volume is read only through this snapshot"
+        with report.step("clone") as step:
+            admin.clone(store, live_snapshot, plan.clone)
+            step.detail = f"volume {plan.clone}"
+        with report.step("mount-clone") as step:
+            ws.mount(store.path, plan.clone)
+            step.detail = f"at {plan.mountpoint}"
+        server = Upgrader(plan, report, ws).run(stop_at_end=not opts.keep)
+    except CowfsError as exc:
+        if report.failed_step is None:
+            report.error = str(exc)
+    finally:
+        keep_running = opts.keep and report.ok
+        if not keep_running:
+            for problem in ws.stop_servers():
+                report.remains.append(problem)
+        problems = ws.close(keep_mounted=opts.keep, keep_logs=not report.ok)
+        report.remains.extend(problems)
+        _name_remains(store, opts, plan, report, ws, live_snapshot, server if keep_running else None)
+
+
+def _name_remains(store, opts, plan, report, ws, live_snapshot, server) -> None:
+    names = {row["name"] for row in _volumes(store)}
+    if plan.clone in names:
+        where = f"mounted at {plan.mountpoint}" if opts.keep and plan.mountpoint in ws.mounts \
+            else "not mounted"
+        report.remains.append(f"volume {plan.clone} ({where}) with its step snapshots; remove with "
+                              f"'cowfs destroy {store.path} {plan.clone}'")
+        report.remains.append(f"snapshot {live_snapshot} (the clone's origin); remove after the clone "
+                              f"with 'cowfs destroy {store.path} {live_snapshot}'")
+    if server is not None and server.port is not None:
+        report.remains.append(f"PostgreSQL {plan.new_major} running on the clone: port {server.port}, "
+                              f"socket directory {server.socket_dir} (stop: pg_ctl stop -D "
+                              f"{server.data_dir})")
+    if not report.ok and not opts.keep:
+        report.remains.append(f"server logs of the rehearsal in {ws.run_dir}")

@@ -1,0 +1,337 @@
+"""The upgrade itself, on a mounted clone: what rehearsal and cutover share.
+
+Steps, each timed, each followed by a snapshot of the clone
+(``CLONE@step-N-<name>``, ``...-failed`` when the step failed), so that the
+state *before* any step can be cloned and started again:
+
+    recover-old        start the old server on the clone (crash recovery of the
+                       snapshot), read its locale/encoding/checksum settings and
+                       every table's row count, stop it cleanly
+    initdb-new         a new cluster beside it with the same settings
+    pg-upgrade-check   pg_upgrade --check
+    pg-upgrade-link    pg_upgrade --link (safe here: it only touches the clone)
+    install-new        the new cluster takes the old one's path; the old one
+                       stays beside it as PGDATA.pgOLD-old; configuration files
+                       carried over
+    start-new          the new server starts on the clone
+    amcheck            pg_amcheck on every database
+    row-counts         every table has the row count counted in recover-old
+    check-sql          the user's check returns true (skipped without one)
+    stop-new           clean shutdown, so the last snapshot is a clean cluster
+
+The clone is a copy: every write here lands on the clone only.
+"""
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .. import admin
+from ..errors import CowfsError, ExistsError, UsageError
+from . import cluster
+from .report import Report, StepError
+from .server import PgServer, free_port
+from .workspace import Workspace
+
+# Settings for servers on clones: never archive into the live server's archive.
+CLONE_SERVER_SETTINGS = {"archive_mode": "off"}
+
+
+@dataclass
+class UpgradePlan:
+    store: object                      # cowfs.store.Store
+    clone: str                         # volume name of the clone
+    mountpoint: str                    # where the clone is mounted
+    pgdata: str                        # data directory relative to the volume root
+    old_bin: str
+    new_bin: str
+    old_major: str
+    new_major: str
+    check_sql: Optional[str] = None    # SQL text
+    check_sql_name: str = ""           # for messages (the file name)
+    database: str = "postgres"
+    port: Optional[int] = None
+    row_counts: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self.mountpoint, self.pgdata)
+
+    @property
+    def new_data_dir(self) -> str:
+        return f"{self.data_dir}.pg{self.new_major}-new"
+
+    @property
+    def old_moved_dir(self) -> str:
+        return f"{self.data_dir}.pg{self.old_major}-old"
+
+
+def check_pgdata(pgdata: str) -> str:
+    """PGDATA is a path inside the volume: relative, normalised, not escaping the root."""
+    norm = os.path.normpath(pgdata)
+    if os.path.isabs(pgdata) or norm.startswith("..") or norm == ".":
+        raise UsageError(f"--pgdata {pgdata!r} must be the data directory's path relative to the "
+                         "volume root, e.g. pgdata (not absolute, not the root itself)")
+    return norm
+
+
+def check_versions(old_bin: str, new_bin: str) -> tuple:
+    old_major, new_major = cluster.bin_major(old_bin), cluster.bin_major(new_bin)
+    if int(new_major) <= int(old_major):
+        raise UsageError(f"--new-bin is PostgreSQL {new_major}, not newer than --old-bin "
+                         f"({old_major}); pg_upgrade only goes to a newer major version")
+    return old_major, new_major
+
+
+def read_check_sql(path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read --check-sql file {path}: {exc.strerror}; give a readable "
+                         "SQL file whose last result is true when the cluster is right") from None
+
+
+class Upgrader:
+    """Runs the upgrade steps on a mounted clone, recording them in a report."""
+
+    def __init__(self, plan: UpgradePlan, report: Report, workspace: Workspace):
+        self.plan, self.report, self.ws = plan, report, workspace
+
+    # --- steps with a snapshot after each ----------------------------------------------------
+
+    def step(self, name: str):
+        return _SnapshottingStep(self, name)
+
+    def snapshot_clone(self, step) -> None:
+        suffix = "-failed" if step.outcome == "failed" else ""
+        target = f"{self.plan.clone}@step-{step.number}-{step.name}{suffix}"
+        try:
+            admin.snapshot(self.plan.store, target)
+        except CowfsError as exc:
+            step.detail += f" (no snapshot after this step: {exc})"
+            return
+        step.snapshot = target
+        self.report.snapshots.append(target)
+
+    # --- the procedure -------------------------------------------------------------------------
+
+    def run(self, stop_at_end: bool = True) -> Optional[PgServer]:
+        """All steps; returns the running new server unless ``stop_at_end``."""
+        self.recover_old()
+        self.initdb_new()
+        self.pg_upgrade("check")
+        self.pg_upgrade("link")
+        self.install_new()
+        server = self.start_new()
+        self.amcheck(server)
+        self.compare_row_counts(server)
+        self.check_sql(server)
+        if stop_at_end:
+            with self.step("stop-new") as step:
+                server.stop("fast")
+                step.detail = "clean shutdown"
+        return server
+
+    def _port(self) -> int:
+        return self.plan.port or free_port()
+
+    def recover_old(self) -> None:
+        plan = self.plan
+        with self.step("recover-old") as step:
+            major = cluster.data_dir_major(plan.data_dir)
+            if major != plan.old_major:
+                raise UsageError(f"{plan.pgdata} is a PostgreSQL {major} data directory but --old-bin "
+                                 f"is PostgreSQL {plan.old_major}; give the bin directory of {major}")
+            if cluster.tablespace_links(plan.data_dir):
+                raise UsageError(f"{plan.pgdata} uses tablespaces (pg_tblspc is not empty); their "
+                                 "files live outside the volume, so a clone would share them with "
+                                 "the live cluster; cowfs cannot rehearse such a cluster")
+            stale = cluster.forget_stale_pid_file(plan.data_dir)
+            server = self.ws.started(PgServer(plan.old_bin, plan.data_dir))
+            server.start(self._port(), self.ws.run_dir, settings=CLONE_SERVER_SETTINGS)
+            plan.settings = cluster.initdb_settings(server)
+            plan.row_counts = cluster.row_counts(server)
+            server.stop("fast")
+            tables = sum(len(t) for t in plan.row_counts.values())
+            step.detail = (f"{'crash recovery of a running snapshot' if stale else 'clean start'}; "
+                           f"{tables} tables in {len(plan.row_counts)} databases counted; "
+                           "stopped cleanly")
+
+    def initdb_new(self) -> None:
+        plan = self.plan
+        with self.step("initdb-new") as step:
+            for path in (plan.new_data_dir, plan.old_moved_dir):
+                if os.path.exists(path):
+                    raise ExistsError(f"{path} exists on the clone; move it away in the live "
+                                      "volume (a leftover of an earlier upgrade?)")
+            owner = os.stat(plan.data_dir)
+            server = PgServer(plan.new_bin, plan.new_data_dir)
+            s = plan.settings
+            server.initdb(data_checksums=s["data_checksums"], encoding=s["encoding"],
+                          lc_collate=s["lc_collate"], lc_ctype=s["lc_ctype"],
+                          extra_args=[f"--wal-segsize={s['wal_segsize_mb']}"],
+                          os_owner=(owner.st_uid, owner.st_gid))
+            step.detail = (f"{os.path.basename(plan.new_data_dir)}: encoding {s['encoding']}, "
+                           f"collate {s['lc_collate']}, checksums "
+                           f"{'on' if s['data_checksums'] else 'off'}")
+
+    def pg_upgrade(self, mode: str) -> None:
+        plan = self.plan
+        with self.step(f"pg-upgrade-{mode}") as step:
+            new = PgServer(plan.new_bin, plan.new_data_dir)
+            cwd = self.ws.upgrade_dir(new.owner_ids())
+            old_port = self._port()
+            new_port = free_port(exclude=(old_port,))
+            result = new.run_result(
+                "pg_upgrade", f"--{mode}", "-b", plan.old_bin, "-B", plan.new_bin,
+                "-d", plan.data_dir, "-D", plan.new_data_dir, "-p", old_port, "-P", new_port,
+                "-s", cwd, "-U", "postgres", cwd=cwd, timeout_s=3600)
+            if result.returncode != 0:
+                raise StepError(f"pg_upgrade --{mode} failed: {_cause(result.stdout)}",
+                                log=_pg_upgrade_log(result.stdout, plan.new_data_dir, cwd))
+            step.detail = ("clusters are compatible" if mode == "check"
+                           else "upgrade complete (relation files hard-linked)")
+
+    def install_new(self) -> None:
+        plan = self.plan
+        with self.step("install-new") as step:
+            os.rename(plan.data_dir, plan.old_moved_dir)
+            os.rename(plan.new_data_dir, plan.data_dir)
+            carried = []
+            for name in cluster.CONFIG_FILES:
+                source = os.path.join(plan.old_moved_dir, name)
+                if os.path.isfile(source):
+                    target = os.path.join(plan.data_dir, name)
+                    # Replace, not overwrite in place: a new file never depends on
+                    # open(O_TRUNC) shrinking the old one, and a crash leaves
+                    # either file whole.
+                    tmp = f"{target}.cowfs-tmp"
+                    shutil.copy2(source, tmp)
+                    os.replace(tmp, target)
+                    st = os.stat(source)
+                    os.chown(target, st.st_uid, st.st_gid)
+                    carried.append(name)
+            step.detail = (f"{plan.pgdata} is now PostgreSQL {plan.new_major}; the old cluster is "
+                           f"{os.path.basename(plan.old_moved_dir)}; carried over {', '.join(carried)}")
+
+    def start_new(self) -> PgServer:
+        plan = self.plan
+        with self.step("start-new") as step:
+            server = self.ws.started(PgServer(plan.new_bin, plan.data_dir))
+            server.start(self._port(), self.ws.run_dir, settings=CLONE_SERVER_SETTINGS)
+            version = server.server_version()
+            if not version.startswith(f"{plan.new_major}."):
+                raise StepError(f"the new server reports version {version}, not {plan.new_major}")
+            step.detail = f"PostgreSQL {version} accepts connections"
+        return server
+
+    def amcheck(self, server: PgServer) -> None:
+        with self.step("amcheck") as step:
+            server.amcheck()
+            step.detail = "pg_amcheck --all --heapallindexed: no corruption"
+
+    def compare_row_counts(self, server: PgServer) -> None:
+        with self.step("row-counts") as step:
+            after = cluster.row_counts(server)
+            before = self.plan.row_counts
+            diffs = [f"{db}.{table}: {rows} before, {after.get(db, {}).get(table)} after"
+                     for db, tables in before.items() for table, rows in tables.items()
+                     if after.get(db, {}).get(table) != rows]
+            if diffs:
+                raise StepError(f"{len(diffs)} tables differ in row count after the upgrade: "
+                                + "; ".join(diffs[:5]), log="\n".join(diffs))
+            tables = sum(len(t) for t in before.values())
+            step.detail = f"{tables} tables, {sum(sum(t.values()) for t in before.values())} rows: equal"
+
+    def check_sql(self, server: PgServer) -> None:
+        plan = self.plan
+        if plan.check_sql is None:
+            self.report.skip("check-sql", "no --check-sql given")
+            return
+        with self.step("check-sql") as step:
+            ok, output = cluster.check_sql_true(server, plan.check_sql, plan.database)
+            if not ok:
+                shown = output.splitlines()[-1] if output else "no output"
+                raise StepError(f"--check-sql {plan.check_sql_name} did not return true on "
+                                f"database {plan.database} (last line: {shown[:200]})", log=output)
+            step.detail = f"{plan.check_sql_name} returned true"
+
+
+class _SnapshottingStep:
+    """`Report.step` plus a snapshot of the clone afterwards, whatever the outcome."""
+
+    def __init__(self, upgrader: Upgrader, name: str):
+        self.upgrader, self.name = upgrader, name
+
+    def __enter__(self):
+        self._cm = self.upgrader.report.step(self.name)
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc_info):
+        try:
+            return self._cm.__exit__(*exc_info)
+        finally:
+            self.upgrader.snapshot_clone(self.upgrader.report.steps[-1])
+
+
+# --- reading pg_upgrade's output -----------------------------------------------------------------
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _cause(stdout: str) -> str:
+    """The check that failed and pg_upgrade's first sentence about it, as one line."""
+    lines = [line.rstrip() for line in stdout.splitlines()]
+    for i, line in enumerate(lines):
+        if re.search(r"\bfatal\s*$", line):
+            check = re.sub(r"\s+fatal\s*$", "", line).strip()
+            explanation = " ".join(l.strip() for l in lines[i + 1:i + 4] if l.strip())
+            sentence = explanation.split(". ")[0].rstrip(".")
+            return f"{check}: fatal ({sentence})"
+    errors = [l.strip() for l in lines if "ERROR" in l or "FATAL" in l or "could not" in l]
+    return (errors[0] if errors else _last_line(stdout))[:300]
+
+
+def _pg_upgrade_log(stdout: str, new_data_dir: str, cwd: str) -> str:
+    """pg_upgrade's report plus what its output directory says about the failure.
+
+    PostgreSQL 15+ writes the files listing problem objects and its logs
+    under NEW/pg_upgrade_output.d/<time>/; older ones wrote them into the
+    working directory. Lists (``*.txt``) are shown whole; of the logs, the
+    lines with errors and the last lines.
+    """
+    parts = [stdout.rstrip()]
+    for root in (os.path.join(new_data_dir, "pg_upgrade_output.d"), cwd):
+        for dirpath, _dirs, files in sorted(os.walk(root)):
+            for name in sorted(files):
+                path = os.path.join(dirpath, name)
+                if name.endswith(".txt"):
+                    parts.append(f"--- {path}\n{_read(path).rstrip()}")
+                elif name.endswith(".log"):
+                    interesting = _interesting_log_lines(_read(path))
+                    if interesting:
+                        parts.append(f"--- {path} (errors and last lines)\n{interesting}")
+    return "\n".join(parts)
+
+
+def _interesting_log_lines(text: str) -> str:
+    lines = text.splitlines()
+    errors = [l for l in lines if re.search(r"\b(ERROR|FATAL|PANIC)\b", l)][:20]
+    tail = lines[-5:]
+    return "\n".join(dict.fromkeys(errors + tail)) if errors else ""
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read(200_000)
+    except OSError as exc:
+        return f"(unreadable: {exc.strerror})"

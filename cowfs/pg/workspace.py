@@ -1,0 +1,139 @@
+"""Where a workflow keeps its clone mounts, server sockets and pg_upgrade's files.
+
+A workspace is a directory under /tmp (mode 0755, so the data directory's
+owner can reach what is inside) holding:
+
+    mnt-<volume>/   mount points of the clones the workflow mounts
+    run/            Unix sockets and server logs of the servers it starts
+    upgrade/        pg_upgrade's working directory (its logs, delete_old_cluster.sh)
+
+It also remembers what it mounted and which servers it started, so that
+`close` can stop and unmount them in reverse order, also after a failure.
+Servers are stopped before any unmount: a running server keeps its mount busy.
+"""
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+from .. import daemon
+from ..errors import BusyError, CowfsError, NotFoundError
+from .server import PgError, PgServer
+
+log = logging.getLogger(__name__)
+
+UNMOUNT_ATTEMPTS = 5
+
+
+def mount(store_path: str, volume: str, mountpoint: str) -> None:
+    """``cowfs mount STORE MNT --volume VOL``; returns once the mount is usable."""
+    os.makedirs(mountpoint, exist_ok=True)
+    result = subprocess.run([sys.executable, "-m", "cowfs", "mount", store_path, mountpoint,
+                             "--volume", volume], capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = result.stderr.strip().removeprefix("cowfs: ") or f"exit {result.returncode}"
+        raise CowfsError(f"mounting volume {volume} at {mountpoint} failed: {detail}")
+
+
+def unmount(mountpoint: str) -> None:
+    """Flush and unmount; retries while the kernel still sees a just-stopped server's files."""
+    for attempt in range(UNMOUNT_ATTEMPTS):
+        try:
+            daemon.unmount(mountpoint)
+            return
+        except BusyError:
+            if attempt == UNMOUNT_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def is_mounted(mountpoint: str) -> bool:
+    return daemon.find_mount(os.path.abspath(mountpoint)) is not None
+
+
+def mounted_volume(mountpoint: str) -> Optional[dict]:
+    """{'store', 'volume', 'pid'} of the cowfs daemon serving a mount point, or None."""
+    entry = daemon.find_mount(os.path.abspath(mountpoint))
+    if entry is None or entry["fstype"] != daemon.FUSE_TYPE:
+        return None
+    return daemon.read_registry(entry["dev"])
+
+
+class Workspace:
+    def __init__(self, keep: bool = False):
+        self.path = tempfile.mkdtemp(prefix="cowfs-pg-", dir="/tmp")
+        os.chmod(self.path, 0o755)
+        self.run_dir = os.path.join(self.path, "run")
+        self.keep = keep
+        self.mounts: list = []          # mount points, in mount order
+        self.servers: list = []         # PgServer objects this workflow started
+
+    def mountpoint(self, volume: str) -> str:
+        return os.path.join(self.path, f"mnt-{volume}")
+
+    def mount(self, store_path: str, volume: str) -> str:
+        mnt = self.mountpoint(volume)
+        mount(store_path, volume, mnt)
+        self.mounts.append(mnt)
+        return mnt
+
+    def unmount(self, mnt: str) -> None:
+        unmount(mnt)
+        if mnt in self.mounts:
+            self.mounts.remove(mnt)
+
+    def upgrade_dir(self, owner_ids: Optional[tuple]) -> str:
+        """pg_upgrade's cwd; it must be writable by the user pg_upgrade runs as."""
+        path = os.path.join(self.path, "upgrade")
+        os.makedirs(path, 0o700, exist_ok=True)
+        if owner_ids is not None:
+            os.chown(path, *owner_ids)
+        return path
+
+    def started(self, server: PgServer) -> PgServer:
+        self.servers.append(server)
+        return server
+
+    def stop_servers(self) -> list:
+        """Stop every server we started; returns one line per problem."""
+        problems = []
+        for server in reversed(self.servers):
+            problems += stop_quietly(server)
+        self.servers.clear()
+        return problems
+
+    def close(self, keep_mounted: bool = False, keep_logs: bool = False) -> list:
+        """Stop our servers, unmount our clones (unless kept); one line per problem.
+
+        The directory goes away unless something is still mounted in it or
+        ``keep_logs`` (after a failure, the server logs in run/ explain it).
+        """
+        problems = self.stop_servers()
+        if not keep_mounted:
+            for mnt in reversed(list(self.mounts)):
+                try:
+                    self.unmount(mnt)
+                except CowfsError as exc:
+                    problems.append(f"could not unmount {mnt}: {exc}")
+        if not self.mounts and not keep_logs:
+            shutil.rmtree(self.path, ignore_errors=True)
+        return problems
+
+
+def stop_quietly(server: PgServer) -> list:
+    """Stop a server fast, else immediately; never raises (used while cleaning up)."""
+    if not os.path.exists(os.path.join(server.data_dir, "postmaster.pid")):
+        return []          # stopped already, or its data directory has moved (install-new)
+    for mode in ("fast", "immediate"):
+        try:
+            server.stop(mode, timeout_s=120)
+            return []
+        except (PgError, NotFoundError, OSError) as exc:
+            last = f"could not stop the server of {server.data_dir} ({mode}): {exc}"
+            log.warning("%s", last)
+    return [last]
