@@ -120,6 +120,8 @@ class Report:
 def _fmt(value) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "; ".join(_fmt(v) for v in value) or "none"
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
