@@ -392,7 +392,7 @@ def _volume_rows(txn, env, vol_id: int, name: str) -> list[dict]:
             held = snapshots.hold_of(txn, env, vol_id, gen)
             rows.append(dict(
                 name=f"{name}@{snap['name']}", type="snapshot", origin=None,
-                created=_fmt_time(snap["created_ns"]), gen=gen,
+                created=_fmt_time(snap["created_ns"]), created_ns=snap["created_ns"], gen=gen,
                 logical_bytes=snapshots.logical_bytes(txn, env, catalog.volume_chain(txn, env, vol_id, gen)),
                 written_bytes=snapshots.written_bytes(txn, env, vol_id, prev_gen, gen),
                 unique_bytes=snapshots.would_free_snapshot(txn, env, vol_id, gen),
@@ -404,7 +404,7 @@ def _volume_rows(txn, env, vol_id: int, name: str) -> list[dict]:
     head = record["head_gen"]
     rows.insert(0, dict(
         name=name, type="volume", origin=_origin(txn, env, record), created=_fmt_time(record["created_ns"]),
-        gen=head, logical_bytes=snapshots.logical_bytes(txn, env, catalog.volume_chain(txn, env, vol_id)),
+        created_ns=record["created_ns"], gen=head, logical_bytes=snapshots.logical_bytes(txn, env, catalog.volume_chain(txn, env, vol_id)),
         written_bytes=snapshots.written_bytes(txn, env, vol_id, prev_gen, head),
         unique_bytes=snapshots.bytes_freed(txn, env, list(snapshots._dead_for_point(txn, env, vol_id, head))),
         clones=[], auto=False, held=False, hold_reason=None, held_since=None,
