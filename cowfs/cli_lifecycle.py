@@ -210,9 +210,12 @@ def cmd_prune(args) -> int:
         print(f"{verb} {row['name']}  (created {row['created']})")
     for row in report["skipped"]:
         print(f"skipped {row['name']}: {row['why']}")
-    freed = "would free" if args.dry_run else "freed"
-    print(f"prune {report['volume']}: {len(report['destroy'])} snapshots {verb}, {freed} "
-          f"{report['frees_bytes']} bytes ({_human(report['frees_bytes'])})")
+    count, size = len(report["destroy"]), report["frees_bytes"]
+    if args.dry_run:
+        print(f"prune {report['volume']}: would destroy {count} snapshots, freeing {size} bytes ({_human(size)})")
+    else:
+        print(f"prune {report['volume']}: destroyed {count} snapshots, freed {size} bytes ({_human(size)}); "
+              "'cowfs gc' shrinks the packs")
     return 0
 
 

@@ -149,7 +149,7 @@ def test_prune_dry_run_shows_exact_bytes_for_the_set(store):
     rows = listing(store)
     for kept in ("main@manual", f"main@{names[1]}", f"main@{names[2]}", f"main@{names[5]}", f"main@{names[6]}"):
         assert kept in rows
-    assert cowfs("prune", store, "main", "--dry-run").stdout.strip().endswith("would free 0 bytes (0 B)")
+    assert cowfs("prune", store, "main", "--dry-run").stdout.strip().endswith("would destroy 0 snapshots, freeing 0 bytes (0 B)")
     fsck_clean(store)
 
 
