@@ -1,0 +1,184 @@
+"""Upgrade rehearsal, cutover and rollback: PostgreSQL 14.23 -> 16.15 on real cowfs mounts.
+
+Each test starts from a live 14 cluster on volume ``live`` of a fresh store
+(see `pg_helpers.LiveCluster`) and drives `cowfs pg ...` as a user does.
+"""
+
+import json
+import os
+
+import pytest
+
+from cowfs.pg import PgServer, free_port
+from cowfs.pg.ledger import Ledger, missing_rows
+from helpers import Mount, cowfs
+from pg_helpers import (PGDATA, LiveCluster, PgbenchLoop, assert_one_line_error,
+                        assert_pgbench_consistent, fingerprint, read_json, step, volume_names,
+                        wait_for)
+
+pytestmark = pytest.mark.postgres
+
+UPGRADE_STEPS = ["snapshot-live", "clone", "mount-clone", "recover-old", "initdb-new",
+                 "pg-upgrade-check", "pg-upgrade-link", "install-new", "start-new", "amcheck",
+                 "row-counts", "check-sql", "stop-new"]
+
+
+@pytest.fixture
+def live(workdir, pg14_bin, pg16_bin):
+    cluster = LiveCluster(workdir, pg14_bin, pg16_bin)
+    try:
+        yield cluster.create()
+    finally:
+        cluster.close()
+
+
+def rehearse(live: LiveCluster, *extra):
+    report_path = os.path.join(live.workdir, "rehearsal.json")
+    result = live.pg("rehearse-upgrade", live.store, "live", "--pgdata", PGDATA,
+                     "--old-bin", live.pg14_bin, "--new-bin", live.pg16_bin,
+                     "--json", report_path, *extra)
+    return result, read_json(report_path) if os.path.exists(report_path) else None
+
+
+def test_rehearsal_passes_while_live_pgbench_runs_and_live_keeps_exactly_its_commits(live):
+    live_pid = live.server.postmaster_pid()
+    bench = PgbenchLoop(live.server).start()
+    try:
+        result, report = rehearse(live)
+    finally:
+        bench.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert report["ok"] and report["failed_step"] is None
+    assert [s["name"] for s in report["steps"]] == UPGRADE_STEPS
+    assert step(report, "check-sql")["outcome"] == "skipped"
+    assert all(s["outcome"] == "ok" for s in report["steps"] if s["name"] != "check-sql")
+    assert all(s["duration_s"] >= 0 for s in report["steps"])
+    assert "PostgreSQL 16." in step(report, "start-new")["detail"]
+    assert "equal" in step(report, "row-counts")["detail"]
+    assert "PASSED" in result.stdout
+
+    # Every snapshot the report names exists; the clone is kept but unmounted.
+    names = volume_names(live.store)
+    assert set(report["snapshots"]) <= names, report["snapshots"]
+    assert report["clone"] in names
+    assert any(s.endswith("@step-7-pg-upgrade-link") for s in report["snapshots"])
+    assert any(report["clone"] in line for line in report["remains"])
+    assert not os.path.exists(os.path.join(live.mnt, f"{PGDATA}.pg16-new"))
+
+    # The live side: pgbench never failed, same postmaster, still 14, data = what pgbench committed.
+    assert bench.failures == [] and bench.rounds >= 2, bench.failures
+    assert live.server.postmaster_pid() == live_pid
+    assert live.server.server_version().startswith("14.")
+    assert_pgbench_consistent(fingerprint(live.server), bench.transactions)
+
+
+def test_regproc_blocker_fails_at_pg_upgrade_check_and_live_is_untouched(live):
+    live.server.psql("CREATE TABLE blocker (id int PRIMARY KEY, fn regproc);"
+                     "INSERT INTO blocker VALUES (1, 'now'::regproc)")
+    before = fingerprint(live.server)
+    live_pid = live.server.postmaster_pid()
+
+    result, report = rehearse(live)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert not report["ok"] and report["failed_step"] == "pg-upgrade-check"
+    failed = step(report, "pg-upgrade-check")
+    assert failed["outcome"] == "failed"
+    assert "reg* data types in user tables" in failed["detail"], failed["detail"]
+    assert "public.blocker.fn" in failed["log"], failed["log"]        # tables_using_reg.txt
+    assert failed["snapshot"].endswith("@step-6-pg-upgrade-check-failed")
+    assert [s["name"] for s in report["steps"]][-1] == "pg-upgrade-check"
+    assert "pg-upgrade-check" in result.stdout and "FAILED" in result.stdout
+    assert "public.blocker.fn" in result.stdout
+
+    assert live.server.postmaster_pid() == live_pid
+    assert fingerprint(live.server) == before
+    assert live.server.psql("SELECT fn FROM blocker") == "now"
+    assert not os.path.exists(os.path.join(live.mnt, f"{PGDATA}.pg16-new"))
+
+
+def test_failing_check_sql_is_reported_at_its_step_and_the_snapshot_before_it_starts(live, workdir):
+    check = os.path.join(workdir, "check.sql")
+    with open(check, "w") as f:
+        f.write("SELECT count(*) > 1000000 FROM pgbench_accounts;\n")   # scale 1: 100,000 rows
+
+    result, report = rehearse(live, "--check-sql", check)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert report["failed_step"] == "check-sql"
+    assert "did not return true" in step(report, "check-sql")["detail"]
+    before = step(report, "row-counts")
+    assert before["outcome"] == "ok" and before["snapshot"] in report["snapshots"]
+
+    # The state before the failing step clones and starts (PostgreSQL 16, data intact).
+    cowfs("clone", live.store, before["snapshot"], "inspect")
+    mount = Mount(live.store, os.path.join(workdir, "inspect"), "inspect").mount()
+    server = PgServer(live.pg16_bin, os.path.join(mount.path, PGDATA))
+    try:
+        os.unlink(os.path.join(server.data_dir, "postmaster.pid"))   # taken while it ran
+        server.start(free_port(exclude=(live.port,)), live.socket_dir)
+        assert server.server_version().startswith("16.")
+        assert server.psql("SELECT count(*) FROM pgbench_accounts") == "100000"
+    finally:
+        server.stop("immediate")
+        mount.close()
+
+
+def test_cutover_keeps_every_committed_row_and_rollback_brings_back_14(live):
+    ledger = Ledger(live.pg16_bin, live.socket_dir, live.port).start()
+    report_path = os.path.join(live.workdir, "cutover.json")
+    try:
+        wait_for(lambda: len(ledger.acked) >= 50)         # load before the cutover starts
+        acked_before = list(ledger.acked)
+        result = live.pg("cutover", live.store, "live", "--pgdata", PGDATA, "--mountpoint", live.mnt,
+                         "--old-bin", live.pg14_bin, "--new-bin", live.pg16_bin, "--json", report_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        acked_at_cutover_end = len(ledger.acked)
+        wait_for(lambda: len(ledger.acked) >= acked_at_cutover_end + 20)   # it reconnects to 16
+    finally:
+        acked = ledger.stop()
+    report = read_json(report_path)
+    assert report["ok"] and report["downtime_s"] > 0
+    assert report["pre_upgrade_volume"] == "live-pre-upgrade"
+    assert ledger.reconnects >= 1
+
+    server = live.client(live.pg16_bin)
+    assert server.server_version().startswith("16.")            # same port and socket as before
+    assert missing_rows(live.pg16_bin, live.socket_dir, live.port, acked) == []
+    rows_16 = set(map(int, server.psql("SELECT n FROM cowfs_ledger").split()))
+    assert set(acked_before) <= rows_16
+    assert {"live", "live-pre-upgrade"} <= volume_names(live.store)
+
+    result = live.pg("rollback-cutover", live.store, "live", "--mountpoint", live.mnt,
+                     "--old-bin", live.pg14_bin)
+    assert result.returncode == 0, result.stdout + result.stderr
+    old = live.client(live.pg14_bin)
+    assert old.server_version().startswith("14.")
+    rows_14 = set(map(int, old.psql("SELECT n FROM cowfs_ledger").split()))
+    assert set(acked_before) <= rows_14 <= rows_16
+    assert max(rows_14) < max(rows_16)             # what was written on 16 stays on 16's volume
+    assert any(name.startswith("live-upgraded-") for name in volume_names(live.store))
+
+
+def test_bad_input_is_one_line_with_exit_code_and_changes_nothing(live, workdir):
+    before = volume_names(live.store)
+    common = ["--old-bin", live.pg14_bin, "--new-bin", live.pg16_bin]
+    assert_one_line_error(live.pg("rehearse-upgrade", live.store, "nosuch", "--pgdata", PGDATA,
+                                  *common), 3, "nosuch")
+    assert_one_line_error(live.pg("rehearse-upgrade", live.store, "live", "--pgdata", PGDATA,
+                                  "--old-bin", live.pg16_bin, "--new-bin", live.pg14_bin), 2, "newer")
+    assert_one_line_error(live.pg("rehearse-upgrade", live.store, "live", "--pgdata", "/abs",
+                                  *common), 2, "relative")
+    assert_one_line_error(live.pg("rehearse-upgrade", live.store, "live", "--pgdata", PGDATA,
+                                  "--check-sql", os.path.join(workdir, "missing.sql"), *common),
+                          2, "--check-sql")
+    assert_one_line_error(live.pg("rehearse-upgrade", live.store, "live", "--pgdata", PGDATA,
+                                  "--old-bin", workdir, "--new-bin", live.pg16_bin), 1, workdir)
+    assert_one_line_error(live.pg("cutover", live.store, "live", "--pgdata", PGDATA,
+                                  "--mountpoint", workdir, *common), 2, "--mountpoint")
+    assert_one_line_error(live.pg("rollback-cutover", live.store, "live", "--mountpoint", live.mnt,
+                                  "--old-bin", live.pg14_bin), 3, "no cutover record")
+    assert_one_line_error(live.pg("rehearse-upgrade", live.store), 2, "--help")
+    assert_one_line_error(live.pg(), 2, "subcommand")
+    assert volume_names(live.store) == before
+    assert live.server.server_version().startswith("14.")
