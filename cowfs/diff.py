@@ -61,6 +61,23 @@ def check_same_volume(a: Point, b: Point) -> None:
 
 # --- reverse path index --------------------------------------------------------------------------
 
+def index_is_stale(txn, env, vol_id: int) -> bool:
+    """Could the head have changed since the index was refreshed?"""
+    raw = txn.get(schema.paths_gen_key(vol_id), db=env.paths)
+    if raw is None:
+        return True
+    indexed_gen = schema.read_u64(raw)
+    head_gen = volumes.volume_record(txn, env, vol_id)["head_gen"]
+    # Indexed up to head - 1: only the open head generation may have changed.
+    return indexed_gen + 1 < head_gen or bool(changed_keys_exist(txn, env, vol_id, indexed_gen, head_gen))
+
+
+def changed_keys_exist(txn, env, vol_id: int, lo_gen: int, hi_gen: int) -> bool:
+    cursor = txn.cursor(db=env.born)
+    start = schema.u64(vol_id) + schema.u64(lo_gen + 1)
+    return cursor.set_range(start) and bytes(cursor.key()) < schema.u64(vol_id) + schema.u64(hi_gen + 1)
+
+
 def refresh_index(txn, env, vol_id: int) -> dict:
     """Bring the ``paths`` index of a volume head up to date (write transaction)."""
     head_gen = volumes.volume_record(txn, env, vol_id)["head_gen"]
