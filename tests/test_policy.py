@@ -10,7 +10,7 @@ import pytest
 from cowfs import admin, errors, policy, schema, volumes
 from cowfs.filesystem import Filesystem
 from cowfs.store import Store
-from helpers import cowfs, fsck_clean
+from helpers import Mount, cowfs, fsck_clean
 
 
 def listing(store) -> dict:
@@ -189,6 +189,26 @@ def test_every_second_keep_five_on_a_mounted_volume_under_writes(store, mounted)
     shown = json.loads(cowfs("policy", store, "--json").stdout)
     assert shown == []
     assert listing(store)["main@manual"]["hold_reason"] == "manual and held"
+
+
+def test_pruning_skips_a_snapshot_mounted_read_only_until_unmounted(store, mounted, workdir):
+    with open(f"{mounted.path}/data", "wb") as f:
+        f.write(b"seen by the first automatic snapshot")
+    cowfs("policy", store, "main", "--every", "1s", "--keep", "10")
+    first = wait_for(lambda: sorted(autos(store)), 5, "the first automatic snapshot")[0]
+    readonly = Mount(store, os.path.join(workdir, "ro"), first)
+    try:
+        readonly.mount()
+        cowfs("policy", store, "main", "--every", "1s", "--keep", "1")
+        wait_for(lambda: len(autos(store)) <= 2, 10, "pruning down to the newest and the mounted one")
+        assert first in autos(store)
+        with open(f"{readonly.path}/data", "rb") as f:
+            assert f.read() == b"seen by the first automatic snapshot"
+        readonly.umount()
+        wait_for(lambda: first not in autos(store), 10, "the unmounted snapshot to be pruned")
+    finally:
+        readonly.close()
+        cowfs("policy", store, "main", "--off", check=False)
 
 
 # --- holds -------------------------------------------------------------------------------------------
