@@ -10,6 +10,7 @@ left behind), then checks fsck.
 import json
 import math
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -32,6 +33,7 @@ class LiveCluster:
         self.socket_dir = os.path.join(workdir, "pgrun")
         self.port = free_port()
         self.mount = Mount(self.store, self.mnt, "live")
+        self._remove: list = []
         self.server = PgServer(pg14_bin, os.path.join(self.mnt, PGDATA))
 
     def create(self) -> "LiveCluster":
@@ -52,6 +54,9 @@ class LiveCluster:
         server.port, server.socket_dir = self.port, self.socket_dir
         return server
 
+    def remove_later(self, path: str) -> None:
+        self._remove.append(path)
+
     def pg(self, *args, check=False, timeout=600):
         return cowfs("pg", *args, check=check, timeout=timeout)
 
@@ -65,6 +70,8 @@ class LiveCluster:
             result = cowfs("umount", mnt, check=False, timeout=120)
             if result.returncode != 0:
                 subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+        for path in self._remove:
+            shutil.rmtree(path, ignore_errors=True)
         fsck_clean(self.store)
 
 

@@ -37,7 +37,10 @@ def rehearse(live: LiveCluster, *extra):
     result = live.pg("rehearse-upgrade", live.store, "live", "--pgdata", PGDATA,
                      "--old-bin", live.pg14_bin, "--new-bin", live.pg16_bin,
                      "--json", report_path, *extra)
-    return result, read_json(report_path) if os.path.exists(report_path) else None
+    report = read_json(report_path) if os.path.exists(report_path) else None
+    if report and report.get("logs"):
+        live.remove_later(os.path.dirname(report["logs"]))      # kept for people, not tests
+    return result, report
 
 
 def test_rehearsal_passes_while_live_pgbench_runs_and_live_keeps_exactly_its_commits(live):

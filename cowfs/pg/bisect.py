@@ -111,6 +111,8 @@ class _Bisect:
                 self.report.error = str(exc)
         finally:
             self.report.remains.extend(self.ws.close(keep_logs=not self.report.ok))
+            if not self.report.ok:
+                self.report.facts["logs"] = self.ws.run_dir
         self._conclude(lo, hi)
         return self.report
 

@@ -187,6 +187,7 @@ class _Cutover:
     def _recover(self) -> None:
         """Serve the live volume with the old server again, as it was before we started."""
         problems = self.ws.close(keep_logs=True)
+        self.report.facts["logs"] = self.ws.run_dir
         if "stopped-live" not in self.state:
             self.report.remains.extend(problems)
             return

@@ -128,4 +128,5 @@ def _name_remains(store, opts, plan, report, ws, live_snapshot, server) -> None:
                               f"socket directory {server.socket_dir} (stop: pg_ctl stop -D "
                               f"{server.data_dir})")
     if not report.ok and not opts.keep:
+        report.facts["logs"] = ws.run_dir
         report.remains.append(f"server logs of the rehearsal in {ws.run_dir}")
