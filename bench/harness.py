@@ -202,9 +202,13 @@ class RssMonitor:
 class Harness:
     """Owns the work directory and everything started in it; `close` undoes it all."""
 
-    def __init__(self, base_dir: str, pg_major: str = "14", profile_dir: Optional[str] = None):
+    def __init__(self, base_dir: str, pg_major: str = "14", profile_dir: Optional[str] = None,
+                 store_dir: Optional[str] = None):
         self.work = tempfile.mkdtemp(prefix="cowfs-bench-", dir=base_dir)
         os.chmod(self.work, 0o755)      # the postgres user must traverse it
+        # Stores elsewhere (e.g. tmpfs) only for experiments: the figures are
+        # then no longer "the same disk" and the report says so.
+        self.store_work = tempfile.mkdtemp(prefix="cowfs-bench-stores-", dir=store_dir) if store_dir else self.work
         self.pg_bin = pg_bin_dir(pg_major)
         self.rss = RssMonitor()
         self.profile_dir = profile_dir
@@ -230,7 +234,7 @@ class Harness:
 
     def cowfs_side(self, label: str = "cowfs", chunk_size: Optional[int] = None) -> Side:
         label = self._unique(label)
-        store = os.path.join(self.work, f"{label}-store")
+        store = os.path.join(self.store_work, f"{label}-store")
         args = ["init", store] + (["--chunk-size", str(chunk_size)] if chunk_size else [])
         cowfs_cli(*args)
         mount = self.mount(store, os.path.join(self.work, f"{label}-mnt"), "main", label)
@@ -364,3 +368,4 @@ class Harness:
         self.rss.stop()
         if not keep:
             shutil.rmtree(self.work, ignore_errors=True)
+            shutil.rmtree(self.store_work, ignore_errors=True)

@@ -169,7 +169,13 @@ def markdown(result: dict) -> str:
              f"Commit {result['git']['commit']}"
              + (f" with uncommitted changes in {', '.join(result['git']['dirty'])}" if result['git']['dirty'] else "")
              + f"; rounds: {result['config']['rounds']}{' (quick)' if result['config'].get('quick') else ''}; "
-               "figures are medians over rounds, ratios are medians of per-round ratios.", "",
+               "figures are medians over rounds, ratios are medians of per-round ratios."
+             + (f" PostgreSQL settings: {', '.join(result['config']['pg_settings'])}."
+                if result['config'].get('pg_settings') else "")
+             + (f" **EXPERIMENT: cowfs stores on {result['config']['store_dir']}, not on the plain "
+                "directory's disk.**" if result['config'].get('store_dir') else "")
+             + (" **Profiled run (py-spy attached): cowfs figures are depressed.**"
+                if result['config'].get('profile') else ""), "",
              "| benchmark | plain | cowfs | ratio | target | met | missed by | rounds |",
              "|---|---|---|---|---|---|---|---|"]
     for row in result["summary"]:

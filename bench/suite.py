@@ -55,7 +55,11 @@ def parse_args(argv):
                         help="directory for the results (default bench/results)")
     parser.add_argument("--dir", default="/var/tmp",
                         help="where the plain directories and stores go (default /var/tmp)")
+    parser.add_argument("--store-dir", help="EXPERIMENT: put the cowfs stores here instead (e.g. "
+                        "/dev/shm, to see what the device flushes cost); not a valid comparison")
     parser.add_argument("--profile", action="store_true", help="py-spy the daemon (see above)")
+    parser.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="PostgreSQL setting for every server (repeatable), e.g. wal_init_zero=off")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--stem", help="file name stem (default suite-<UTC date>)")
     return parser.parse_args(argv)
@@ -85,6 +89,7 @@ def main(argv=None) -> int:
     if args.rounds:
         cfg.rounds = args.rounds
     groups = resolve(args.only)
+    cfg.pg_settings = tuple(args.pg_setting)
     if os.geteuid() != 0:
         log("not root: caches cannot be dropped and PostgreSQL cannot switch users; expect failures")
     signal.signal(signal.SIGTERM, _sigterm)
@@ -92,7 +97,8 @@ def main(argv=None) -> int:
     started = time.time()
     metrics, extras, errors = [], [], {}
     interrupted = False
-    h = Harness(args.dir, profile_dir=os.path.join(args.out, f"{stem}-profiles") if args.profile else None)
+    h = Harness(args.dir, profile_dir=os.path.join(args.out, f"{stem}-profiles") if args.profile else None,
+                store_dir=args.store_dir)
     try:
         for group in groups:
             log(f"== {group}")
@@ -129,7 +135,8 @@ def build_result(args, cfg, groups, metrics, extras, errors, h, started, interru
             profiles[key] = report.summarize_profile(path)
         except OSError as exc:
             profiles[key] = dict(error=str(exc))
-    config = dict(vars(cfg), quick=args.quick, groups=groups, profile=args.profile)
+    config = dict(vars(cfg), quick=args.quick, groups=groups, profile=args.profile,
+                  store_dir=args.store_dir)
     return dict(
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         duration_s=round(time.time() - started),

@@ -46,6 +46,7 @@ class Config:
     snap_interval_s: float = 1.0
     chunk_sizes: tuple = (8192, 16384, 32768, 65536)
     chunk_tpcb_s: int = 15
+    pg_settings: tuple = ()            # ("name=value", ...) for every server, e.g. wal_init_zero=off
 
     @classmethod
     def quick(cls) -> "Config":
@@ -137,10 +138,14 @@ def tpcb(h: Harness, side: Side, server: PgServer, seconds: int, key: str,
     return result
 
 
-def loaded_cluster(h: Harness, side: Side, scale: int) -> tuple:
+def settings(cfg: Config) -> dict:
+    return dict(item.split("=", 1) for item in cfg.pg_settings)
+
+
+def loaded_cluster(h: Harness, side: Side, cfg: Config) -> tuple:
     """initdb + start + pgbench -i; (cluster, seconds of pgbench -i)."""
-    cluster = h.cluster(side)
-    return cluster, timed(cluster.server.pgbench_init, scale)
+    cluster = h.cluster(side, settings=settings(cfg))
+    return cluster, timed(cluster.server.pgbench_init, cfg.scale)
 
 
 def wal_lsn(server: PgServer) -> str:
@@ -171,7 +176,7 @@ def bench_initdb(h: Harness, cfg: Config) -> list:
 def bench_pgbench(h: Harness, cfg: Config) -> list:
     """pgbench -i load time, TPC-B and select-only TPS, on one cluster per side."""
     sides = [h.plain_side(), h.cowfs_side()]
-    clusters = {s.kind: h.cluster(s) for s in sides}
+    clusters = {s.kind: h.cluster(s, settings=settings(cfg)) for s in sides}
     load = new_metric("pgbench_init", "s", higher_is_better=False, scale=cfg.scale)
     rw = new_metric("tpcb", "TPS", higher_is_better=True, scale=cfg.scale, clients=CLIENTS,
                     seconds=cfg.tpcb_s)
@@ -323,7 +328,7 @@ def bench_clone_load(h: Harness, cfg: Config) -> list:
     from cowfs import admin
     from cowfs.store import Store
     side = h.cowfs_side("cowfs-live")
-    live, _ = loaded_cluster(h, side, cfg.scale)
+    live, _ = loaded_cluster(h, side, cfg)
     metric = new_metric("live_with_clone", "TPS", higher_is_better=True, base="live alone",
                         value="live + clone busy", seconds=cfg.tpcb_s)
     for r in range(cfg.rounds):
@@ -344,7 +349,7 @@ def bench_clone_load(h: Harness, cfg: Config) -> list:
             data_dir = os.path.join(mount.path, "pgdata")
             os.unlink(os.path.join(data_dir, "postmaster.pid"))   # the live server's, copied
             clone = PgServer(h.pg_bin, data_dir)
-            extra["clone_start_s"] = timed(h.start, clone)
+            extra["clone_start_s"] = timed(h.start, clone, settings(cfg))
             checkpoint(live.server)
             live_res, clone_res = _concurrent(
                 (tpcb, h, side, live.server, cfg.tpcb_s, "live_with_clone"),
@@ -372,7 +377,7 @@ def bench_snapshots24(h: Harness, cfg: Config) -> list:
     from cowfs import admin
     from cowfs.store import Store
     side = h.cowfs_side("cowfs-snaps")
-    cluster, _ = loaded_cluster(h, side, cfg.scale)
+    cluster, _ = loaded_cluster(h, side, cfg)
     server = cluster.server
     store = Store.open(side.store)
     try:
@@ -422,7 +427,7 @@ def bench_chunks(h: Harness, cfg: Config) -> list:
     clusters = {}
     loads = {}
     for side in sides:
-        clusters[side.label], loads[side.label] = loaded_cluster(h, side, cfg.scale)
+        clusters[side.label], loads[side.label] = loaded_cluster(h, side, cfg)
     stored = {s.label: disk_bytes(s.store) for s in sides if s.store}
     rows = {s.label: dict(chunk_size=s.chunk_size, tpcb=[], seq_write=[],
                           load_s=loads[s.label], store_bytes_after_load=stored.get(s.label))
