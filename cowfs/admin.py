@@ -262,10 +262,28 @@ def prune_volume(store: Store, vol_id: int, vol: str) -> dict:
         except BusyError as exc:
             skipped.append(dict(name=f"{vol}@{info.name}", why=str(exc)))
     try:
-        return _destroy_locked(store, vol_id, vol, [info for info, _ in locks], skipped)
+        result = _destroy_locked(store, vol_id, vol, [info for info, _ in locks], skipped)
+        for row in result["destroy"]:
+            _drop_lock_file(store, vol_id, row["gen"])
+        return result
     finally:
         for _info, lock in locks:
             lock.release()
+
+
+def _drop_lock_file(store: Store, vol_id: int, gen: int) -> None:
+    """Unlink a destroyed snapshot's lock file, while we hold its exclusive lock.
+
+    Otherwise one file per automatic snapshot would stay in run/ forever.
+    Generations are never reused, so no later snapshot needs this path; a
+    mount racing us fails to find the snapshot by name. Path as made by
+    `Store.lock_snapshot`.
+    """
+    import os
+    try:
+        os.unlink(os.path.join(store.run_dir, f"snap-{vol_id}-{gen}.lock"))
+    except FileNotFoundError:
+        pass
 
 
 def _destroy_locked(store: Store, vol_id: int, vol: str, locked: list, skipped: list) -> dict:

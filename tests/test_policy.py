@@ -179,6 +179,8 @@ def test_every_second_keep_five_on_a_mounted_volume_under_writes(store, mounted)
         newest_ns = max(r["created_ns"] for r in rows.values())
         assert time.time_ns() - newest_ns <= 2 * 10**9
         assert listing(store)[first]["held"] and "main@manual" in listing(store)
+        locks = [n for n in os.listdir(os.path.join(store, "run")) if n.startswith("snap-")]
+        assert len(locks) <= 2, f"lock files of pruned snapshots pile up: {locks}"
         # A policy change takes effect without a remount.
         cowfs("policy", store, "main", "--every", "1s", "--keep", "2")
         wait_for(lambda: len(unheld_autos(store)) <= 3, 10, "pruning down to 2")
