@@ -201,9 +201,13 @@ def _last_auto_text(txn, env, vol_id: int) -> Optional[str]:
 
 
 def last_auto_ns(txn, env, vol_id: int) -> Optional[int]:
-    times = [rec["created_ns"] for _gen, rec in snapshots.snapshots_of(txn, env, vol_id)
-             if rec["name"] and rec["flags"] & schema.SNAP_FLAG_AUTO]
-    return max(times, default=None)
+    """Creation time of the most recently taken automatic snapshot (highest generation,
+    so a clock that went back does not make an old timestamp look new)."""
+    newest = None
+    for _gen, rec in snapshots.snapshots_of(txn, env, vol_id):     # oldest first
+        if rec["name"] and rec["flags"] & schema.SNAP_FLAG_AUTO:
+            newest = rec["created_ns"]
+    return newest
 
 
 # --- pruning -----------------------------------------------------------------------------------

@@ -110,8 +110,15 @@ def all_policies(txn, env) -> list[tuple[int, Policy]]:
 # --- scheduling --------------------------------------------------------------------------------
 
 def is_due(policy: Policy, last_auto_ns: Optional[int], now_ns: int) -> bool:
-    """Is the next automatic snapshot due? The first one is due at once."""
-    return last_auto_ns is None or now_ns - last_auto_ns >= policy.every_s * 1_000_000_000
+    """Is the next automatic snapshot due? The first one is due at once.
+
+    `last_auto_ns` is the time of the most recently *taken* one. If the clock
+    went back past it (a bad clock fixed by NTP), waiting for the old rhythm
+    could mean hours without snapshots: take one now and start again.
+    """
+    if last_auto_ns is None or now_ns < last_auto_ns:
+        return True
+    return now_ns - last_auto_ns >= policy.every_s * 1_000_000_000
 
 
 def auto_name(now_ns: int) -> str:

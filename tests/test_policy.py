@@ -8,6 +8,7 @@ import time
 import pytest
 
 from cowfs import admin, errors, policy, schema, volumes
+from cowfs.errors import FsError
 from cowfs.filesystem import Filesystem
 from cowfs.store import Store
 from helpers import Mount, cowfs, fsck_clean
@@ -47,7 +48,7 @@ def write_files(store_path: str, files: dict) -> None:
             for name, data in files.items():
                 try:
                     inode = fs.lookup(schema.ROOT_INO, name.encode())
-                except Exception:
+                except FsError:
                     inode = fs.make(schema.ROOT_INO, name.encode(), 0o100644, 0, 0)
                 fs.open(inode.ino, writable=True)
                 fs.write(inode.ino, 0, data)
@@ -73,6 +74,15 @@ def test_auto_names_are_unique_at_one_second_schedules():
     names = {policy.auto_name(t + i * 1_000_000) for i in range(1000)}
     assert len(names) == 1000
     assert policy.auto_name(t) == "auto-20261122T193500.000Z"
+
+
+def test_schedule_is_due_after_a_period_and_after_the_clock_went_back():
+    hourly = policy.Policy(every_s=3600, keep_last=1)
+    last = policy.utc_ns(2026, 6, 1, 12)
+    assert policy.is_due(hourly, None, last)
+    assert not policy.is_due(hourly, last, last + 3599 * 10**9)
+    assert policy.is_due(hourly, last, last + 3600 * 10**9)
+    assert policy.is_due(hourly, last, last - 10**9), "a clock set back must not stop snapshots"
 
 
 def test_retention_rules_keep_newest_of_each_period():
