@@ -215,6 +215,7 @@ def test_pruning_skips_a_snapshot_mounted_read_only_until_unmounted(store, mount
         wait_for(lambda: len(autos(store)) <= 2, 10, "pruning down to the newest and the mounted one")
         assert first in autos(store)
         with open(f"{readonly.path}/data", "rb") as f:
+            # Written (not fsynced) before the schedule existed: rule 5 puts it in.
             assert f.read() == b"seen by the first automatic snapshot"
         readonly.umount()
         wait_for(lambda: first not in autos(store), 10, "the unmounted snapshot to be pruned")
