@@ -181,7 +181,40 @@ def test_bad_input_is_one_line_with_exit_code_and_changes_nothing(live, workdir)
                                   "--mountpoint", workdir, *common), 2, "--mountpoint")
     assert_one_line_error(live.pg("rollback-cutover", live.store, "live", "--mountpoint", live.mnt,
                                   "--old-bin", live.pg14_bin), 3, "no cutover record")
+    assert_one_line_error(live.pg("rehearse-upgrade", live.store, "live", "--pgdata", "nodata",
+                                  *common), 3, "nodata")          # found on the clone, undone
+    assert_one_line_error(live.pg("cutover", live.store, "live", "--pgdata", PGDATA,
+                                  "--mountpoint", live.mnt, "--old-bin", live.pg16_bin,
+                                  "--new-bin", live.pg16_bin), 2, "newer")
     assert_one_line_error(live.pg("rehearse-upgrade", live.store), 2, "--help")
     assert_one_line_error(live.pg(), 2, "subcommand")
     assert volume_names(live.store) == before
     assert live.server.server_version().startswith("14.")
+
+
+def test_cutover_that_fails_verification_restarts_14_on_the_untouched_live_volume(live, workdir):
+    check = os.path.join(workdir, "check.sql")
+    with open(check, "w") as f:
+        f.write("SELECT count(*) = 0 FROM cowfs_ledger;\n")       # false: the ledger has rows
+    ledger = Ledger(live.pg16_bin, live.socket_dir, live.port).start()
+    report_path = os.path.join(workdir, "cutover.json")
+    try:
+        wait_for(lambda: len(ledger.acked) >= 20)
+        result = live.pg("cutover", live.store, "live", "--pgdata", PGDATA, "--mountpoint", live.mnt,
+                         "--old-bin", live.pg14_bin, "--new-bin", live.pg16_bin,
+                         "--check-sql", check, "--json", report_path)
+        after = len(ledger.acked)
+        wait_for(lambda: len(ledger.acked) >= after + 10)     # the writer is back on 14
+    finally:
+        acked = ledger.stop()
+    report = read_json(report_path)
+    live.remove_later(os.path.dirname(report["logs"]))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert report["failed_step"] == "check-sql"
+    assert step(report, "restore-live")["outcome"] == "ok"
+    assert "unmount-live" not in [s["name"] for s in report["steps"]]
+    assert live.client(live.pg14_bin).server_version().startswith("14.")
+    assert missing_rows(live.pg16_bin, live.socket_dir, live.port, acked) == []
+    names = volume_names(live.store)
+    assert "live" in names and "live-pre-upgrade" not in names
+    assert any(line.startswith("volume live-upgrade-") for line in report["remains"])

@@ -33,7 +33,8 @@ from . import cluster
 from .rehearse import stamp
 from .report import Report
 from .server import PgServer
-from .upgrade import Upgrader, UpgradePlan, check_pgdata, check_versions, read_check_sql
+from .upgrade import (Upgrader, UpgradePlan, check_data_dir, check_pgdata, check_versions,
+                      read_check_sql)
 from .workspace import Workspace, mount, mounted_volume, stop_quietly, unmount
 
 RECORD_NAME = ".cowfs-cutover.json"
@@ -104,8 +105,8 @@ class _Cutover:
         self.state = set()            # stopped-live, unmounted-live, renamed-live, renamed-clone...
 
     def run(self) -> Report:
+        self._inspect()             # bad input raises here, before anything is changed
         try:
-            self._inspect()
             self._switch()
         except CowfsError as exc:
             if self.report.failed_step is None:
@@ -115,10 +116,7 @@ class _Cutover:
 
     def _inspect(self) -> None:
         with self.report.step("inspect-live") as step:
-            major = cluster.data_dir_major(self.live.data_dir)
-            if major != self.old_major:
-                raise UsageError(f"{self.live.data_dir} is PostgreSQL {major}, --old-bin is "
-                                 f"{self.old_major}; give the bin directory of {major}")
+            check_data_dir(self.live.data_dir, self.pgdata, self.old_major)
             self.endpoint = _live_endpoint(self.live, self.opts)
             step.detail = (f"port {self.endpoint.port}, socket directory {self.endpoint.socket_dir}, "
                            f"listen_addresses '{self.endpoint.listen_addresses}'")

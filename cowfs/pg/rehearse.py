@@ -24,7 +24,8 @@ from .. import admin
 from ..errors import CowfsError, NotFoundError
 from ..store import Store
 from .report import Report
-from .upgrade import Upgrader, UpgradePlan, check_pgdata, check_versions, read_check_sql
+from .upgrade import (Upgrader, UpgradePlan, check_data_dir, check_pgdata, check_versions,
+                      read_check_sql)
 from .workspace import Workspace
 
 
@@ -100,7 +101,10 @@ def _run(store, opts: RehearsalOptions, plan: UpgradePlan, report: Report, ws: W
         with report.step("mount-clone") as step:
             ws.mount(store.path, plan.clone)
             step.detail = f"at {plan.mountpoint}"
+        _check_input_or_undo(store, plan, ws, live_snapshot)
         server = Upgrader(plan, report, ws).run(stop_at_end=not opts.keep)
+    except BadInput:
+        raise
     except CowfsError as exc:
         if report.failed_step is None:
             report.error = str(exc)
@@ -112,6 +116,29 @@ def _run(store, opts: RehearsalOptions, plan: UpgradePlan, report: Report, ws: W
         problems = ws.close(keep_mounted=opts.keep, keep_logs=not report.ok)
         report.remains.extend(problems)
         _name_remains(store, opts, plan, report, ws, live_snapshot, server if keep_running else None)
+
+
+class BadInput(CowfsError):
+    """Wraps a user error found on the clone, after everything made for it was removed."""
+
+    def __init__(self, cause: CowfsError):
+        super().__init__(str(cause))
+        self.exit_code = cause.exit_code
+
+
+def _check_input_or_undo(store, plan: UpgradePlan, ws: Workspace, live_snapshot: str) -> None:
+    """A wrong --pgdata or --old-bin shows only on the clone: then undo it all and say so.
+
+    Bad input must change nothing, so the clone and the snapshot made for
+    it are destroyed again before the one-line error goes out.
+    """
+    try:
+        check_data_dir(plan.data_dir, plan.pgdata, plan.old_major)
+    except CowfsError as exc:
+        ws.close()
+        admin.destroy(store, plan.clone)
+        admin.destroy(store, live_snapshot)
+        raise BadInput(exc) from None
 
 
 def _name_remains(store, opts, plan, report, ws, live_snapshot, server) -> None:

@@ -105,6 +105,18 @@ def read_check_sql(path: Optional[str]) -> Optional[str]:
                          "SQL file whose last result is true when the cluster is right") from None
 
 
+def check_data_dir(data_dir: str, pgdata: str, old_major: str) -> None:
+    """Bad input a user must fix before anything runs: not a cluster, wrong version, tablespaces."""
+    major = cluster.data_dir_major(data_dir)
+    if major != old_major:
+        raise UsageError(f"{pgdata} is a PostgreSQL {major} data directory but --old-bin is "
+                         f"PostgreSQL {old_major}; give the bin directory of {major}")
+    if cluster.tablespace_links(data_dir):
+        raise UsageError(f"{pgdata} uses tablespaces (pg_tblspc is not empty); their files live "
+                         "outside the volume, so a clone would share them with the live cluster; "
+                         "cowfs cannot upgrade such a cluster")
+
+
 class Upgrader:
     """Runs the upgrade steps on a mounted clone, recording them in a report."""
 
@@ -152,14 +164,7 @@ class Upgrader:
     def recover_old(self) -> None:
         plan = self.plan
         with self.step("recover-old") as step:
-            major = cluster.data_dir_major(plan.data_dir)
-            if major != plan.old_major:
-                raise UsageError(f"{plan.pgdata} is a PostgreSQL {major} data directory but --old-bin "
-                                 f"is PostgreSQL {plan.old_major}; give the bin directory of {major}")
-            if cluster.tablespace_links(plan.data_dir):
-                raise UsageError(f"{plan.pgdata} uses tablespaces (pg_tblspc is not empty); their "
-                                 "files live outside the volume, so a clone would share them with "
-                                 "the live cluster; cowfs cannot rehearse such a cluster")
+            check_data_dir(plan.data_dir, plan.pgdata, plan.old_major)
             stale = cluster.forget_stale_pid_file(plan.data_dir)
             server = self.ws.started(PgServer(plan.old_bin, plan.data_dir))
             server.start(self._port(), self.ws.run_dir, settings=CLONE_SERVER_SETTINGS)
