@@ -371,9 +371,8 @@ def diff(store: Store, text_a: str, text_b: str) -> dict:
     index_stats = dict(index_built=0, index_replayed=0)
     with store.env.begin() as txn:
         stale = diff_mod.index_is_stale(txn, store.env, a.vol_id)
-    if stale:       # a write transaction only when there is something to index
-        with store.env.begin(write=True) as txn:
-            index_stats = diff_mod.refresh_index(txn, store.env, a.vol_id)
+    if stale:       # write transactions only when there is something to index
+        index_stats = diff_mod.refresh_index(store.env, a.vol_id)
     with store.env.begin() as txn:
         # Re-resolve: a head read now includes what the flush committed.
         a = diff_mod.resolve_point(txn, store.env, text_a)

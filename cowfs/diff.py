@@ -78,54 +78,74 @@ def changed_keys_exist(txn, env, vol_id: int, lo_gen: int, hi_gen: int) -> bool:
     return cursor.set_range(start) and bytes(cursor.key()) < schema.u64(vol_id) + schema.u64(hi_gen + 1)
 
 
-def refresh_index(txn, env, vol_id: int) -> dict:
-    """Bring the ``paths`` index of a volume head up to date (write transaction)."""
-    head_gen = volumes.volume_record(txn, env, vol_id)["head_gen"]
-    chain = catalog.volume_chain(txn, env, vol_id)
-    raw = txn.get(schema.paths_gen_key(vol_id), db=env.paths)
+INDEX_BATCH_ENTRIES = 10_000    # per write transaction: a mounted volume's commits wait at most one batch
+
+
+def refresh_index(env, vol_id: int) -> dict:
+    """Bring the ``paths`` index of a volume head up to date.
+
+    What to write is worked out in one read transaction, then written in
+    bounded write transactions, so that the daemon of a mounted volume never
+    waits long for the LMDB writer lock (its fsyncs commit through it). The
+    index generation is recorded last: a refresh cut short is redone from
+    the old generation, and re-applying an update is harmless.
+    """
+    with env.begin() as txn:
+        head_gen = volumes.volume_record(txn, env, vol_id)["head_gen"]
+        chain = catalog.volume_chain(txn, env, vol_id)
+        raw = txn.get(schema.paths_gen_key(vol_id), db=env.paths)
+        if raw is None:
+            updates = [(key, schema.read_u64(payload))
+                       for key, payload in catalog.scan(txn, env, chain, schema.KIND_DENTRY, b"")]
+        else:
+            updates = _replay_updates(txn, env, vol_id, chain, schema.read_u64(raw), head_gen)
     if raw is None:
-        stats = dict(index_built=_build_index(txn, env, vol_id, chain), index_replayed=0)
-    else:
-        stats = dict(index_built=0,
-                     index_replayed=_replay_index(txn, env, vol_id, chain, schema.read_u64(raw), head_gen))
-    # The head generation stays open for writes: record the one before, so
-    # the next refresh replays the head generation again (replay is idempotent).
-    txn.put(schema.paths_gen_key(vol_id), schema.u64(head_gen - 1), db=env.paths)
-    return stats
+        _clear_index(env, vol_id)
+    for start in range(0, len(updates), INDEX_BATCH_ENTRIES):
+        with env.begin(write=True) as txn:
+            for record_key, ino in updates[start:start + INDEX_BATCH_ENTRIES]:
+                _index_update(txn, env, vol_id, record_key, ino)
+    with env.begin(write=True) as txn:
+        # The head generation stays open for writes: record the one before,
+        # so the next refresh replays the head generation again.
+        txn.put(schema.paths_gen_key(vol_id), schema.u64(head_gen - 1), db=env.paths)
+    built = raw is None
+    return dict(index_built=len(updates) if built else 0, index_replayed=0 if built else len(updates))
 
 
-def _build_index(txn, env, vol_id: int, chain) -> int:
-    snapshots._delete_prefix(txn, env.paths, schema.u64(vol_id))
-    entries = catalog.scan(txn, env, chain, schema.KIND_DENTRY, b"")
-    for record_key, payload in entries:
-        _index_put(txn, env, vol_id, record_key, schema.read_u64(payload))
-    return len(entries)
+def _replay_updates(txn, env, vol_id: int, chain, from_gen: int, to_gen: int) -> list:
+    """(dentry key, ino or None) for the directory entries born in (from_gen, to_gen]."""
+    updates = []
+    for record_key in changed_keys(txn, env, vol_id, from_gen, to_gen)[schema.KIND_DENTRY]:
+        payload = catalog.get(txn, env, chain, schema.KIND_DENTRY, record_key)
+        updates.append((record_key, None if payload is None else schema.read_u64(payload)))
+    return updates
 
 
-def _index_put(txn, env, vol_id: int, record_key: bytes, ino: int) -> None:
+def _clear_index(env, vol_id: int) -> None:
+    prefix = schema.u64(vol_id)
+    while True:
+        with env.begin(write=True) as txn:
+            cursor = txn.cursor(db=env.paths)
+            if not cursor.set_range(prefix):
+                return
+            for _ in range(INDEX_BATCH_ENTRIES):
+                if not bytes(cursor.key()).startswith(prefix):
+                    return
+                if not cursor.delete():
+                    return
+
+
+def _index_update(txn, env, vol_id: int, record_key: bytes, ino) -> None:
     parent_ino, name = schema.read_u64(record_key), schema.dentry_name(record_key)
-    txn.put(schema.paths_forward_key(vol_id, parent_ino, name), schema.u64(ino), db=env.paths)
-    txn.put(schema.paths_reverse_key(vol_id, ino, parent_ino, name), b"", db=env.paths)
-
-
-def _index_drop(txn, env, vol_id: int, record_key: bytes, ino: int) -> None:
-    parent_ino, name = schema.read_u64(record_key), schema.dentry_name(record_key)
-    txn.delete(schema.paths_forward_key(vol_id, parent_ino, name), db=env.paths)
-    txn.delete(schema.paths_reverse_key(vol_id, ino, parent_ino, name), db=env.paths)
-
-
-def _replay_index(txn, env, vol_id: int, chain, from_gen: int, to_gen: int) -> int:
-    """Apply the directory entries born in (from_gen, to_gen] to the index."""
-    changed = changed_keys(txn, env, vol_id, from_gen, to_gen)[schema.KIND_DENTRY]
-    for record_key in changed:
-        parent_ino, name = schema.read_u64(record_key), schema.dentry_name(record_key)
-        old = txn.get(schema.paths_forward_key(vol_id, parent_ino, name), db=env.paths)
-        new = catalog.get(txn, env, chain, schema.KIND_DENTRY, record_key)
-        if old is not None:
-            _index_drop(txn, env, vol_id, record_key, schema.read_u64(old))
-        if new is not None:
-            _index_put(txn, env, vol_id, record_key, schema.read_u64(new))
-    return len(changed)
+    forward = schema.paths_forward_key(vol_id, parent_ino, name)
+    old = txn.get(forward, db=env.paths)
+    if old is not None:
+        txn.delete(forward, db=env.paths)
+        txn.delete(schema.paths_reverse_key(vol_id, schema.read_u64(old), parent_ino, name), db=env.paths)
+    if ino is not None:
+        txn.put(forward, schema.u64(ino), db=env.paths)
+        txn.put(schema.paths_reverse_key(vol_id, ino, parent_ino, name), b"", db=env.paths)
 
 
 def _indexed_names(txn, env, vol_id: int, ino: int) -> list[tuple[int, bytes]]:
