@@ -13,8 +13,8 @@ from cowfs.pg import PgServer, free_port
 from cowfs.pg.ledger import Ledger, missing_rows
 from helpers import Mount, cowfs
 from pg_helpers import (PGDATA, LiveCluster, PgbenchLoop, assert_one_line_error,
-                        assert_pgbench_consistent, fingerprint, read_json, step, volume_names,
-                        wait_for)
+                        assert_pgbench_consistent, fingerprint, read_json, step, store_mounts,
+                        volume_names, wait_for)
 
 pytestmark = pytest.mark.postgres
 
@@ -105,10 +105,16 @@ def test_failing_check_sql_is_reported_at_its_step_and_the_snapshot_before_it_st
     with open(check, "w") as f:
         f.write("SELECT count(*) > 1000000 FROM pgbench_accounts;\n")   # scale 1: 100,000 rows
 
-    result, report = rehearse(live, "--check-sql", check)
+    result, report = rehearse(live, "--check-sql", check, "--keep")
+    live.remove_later(report["workspace"])
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert report["failed_step"] == "check-sql"
+    # --keep: the clone stays mounted (its server stopped, as the rehearsal failed).
+    kept = os.path.join(report["workspace"], f"mnt-{report['clone']}")
+    assert kept in store_mounts(live.store)
+    assert not os.path.exists(os.path.join(kept, PGDATA, "postmaster.pid"))
+    assert any(f"mounted at {kept}" in line for line in report["remains"])
     assert "did not return true" in step(report, "check-sql")["detail"]
     before = step(report, "row-counts")
     assert before["outcome"] == "ok" and before["snapshot"] in report["snapshots"]

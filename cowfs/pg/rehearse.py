@@ -154,6 +154,8 @@ def _name_remains(store, opts, plan, report, ws, live_snapshot, server) -> None:
         report.remains.append(f"PostgreSQL {plan.new_major} running on the clone: port {server.port}, "
                               f"socket directory {server.socket_dir} (stop: pg_ctl stop -D "
                               f"{server.data_dir})")
+    if opts.keep:
+        report.facts["workspace"] = ws.path
     if not report.ok and not opts.keep:
         report.facts["logs"] = ws.run_dir
         report.remains.append(f"server logs of the rehearsal in {ws.run_dir}")
