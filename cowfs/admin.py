@@ -91,6 +91,7 @@ def destroy(store: Store, target: str) -> str:
             with store.env.begin(write=True) as txn:
                 message = snapshots.destroy_snapshot(txn, store.env, vol_id, vol, snap, batch)
                 batch.apply(txn)
+            _drop_lock_file(store, vol_id, gen)
         return message
     with _require_unmounted(store, vol_id, vol, "destroying it"):
         locks = _lock_all_snapshots(store, vol_id, vol)
@@ -98,22 +99,25 @@ def destroy(store: Store, target: str) -> str:
             with store.env.begin(write=True) as txn:
                 message = snapshots.destroy_volume(txn, store.env, vol_id, vol, batch)
                 batch.apply(txn)
+            for gen in locks:
+                _drop_lock_file(store, vol_id, gen)
         finally:
-            for lock in locks:
+            for lock in locks.values():
                 lock.release()
     return message
 
 
-def _lock_all_snapshots(store: Store, vol_id: int, vol: str) -> list:
-    locks = []
+def _lock_all_snapshots(store: Store, vol_id: int, vol: str) -> dict:
+    """Exclusive locks of every snapshot of a volume: {gen: lock}."""
+    locks = {}
     with store.env.begin() as txn:
         gens = [(gen, rec["name"]) for gen, rec in snapshots.snapshots_of(txn, store.env, vol_id)]
     try:
         for gen, name in gens:
-            locks.append(store.lock_snapshot(vol_id, gen, f"{vol}@{name}", exclusive=True,
-                                             holder="cowfs destroy"))
+            locks[gen] = store.lock_snapshot(vol_id, gen, f"{vol}@{name}", exclusive=True,
+                                             holder="cowfs destroy")
     except BusyError:
-        for lock in locks:
+        for lock in locks.values():
             lock.release()
         raise
     return locks

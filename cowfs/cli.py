@@ -113,7 +113,9 @@ def _add_snapshot_commands(sub) -> None:
     p = sub.add_parser("list", help="volumes and snapshots with origin, time and space",
                        description="Volumes and their snapshots. LOGICAL: bytes of files; WRITTEN: "
                                    "bytes written since the previous snapshot; UNIQUE: bytes only "
-                                   "it holds.")
+                                   "it holds (what destroying it frees). NOTES: the origin of a "
+                                   "clone, holds and their reasons, the clones a snapshot keeps "
+                                   "alive, 'auto' for scheduled snapshots.")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -201,11 +203,24 @@ def cmd_list(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'NAME':<40} {'TYPE':<9} {'CREATED':<21} {'LOGICAL':>10} {'WRITTEN':>10} {'UNIQUE':>10}  ORIGIN")
+    print(f"{'NAME':<40} {'TYPE':<9} {'CREATED':<21} {'LOGICAL':>10} {'WRITTEN':>10} {'UNIQUE':>10}  "
+          "ORIGIN / NOTES")
     for row in rows:
         print(f"{row['name']:<40} {row['type']:<9} {row['created']:<21} {human(row['logical_bytes']):>10} "
-              f"{human(row['written_bytes']):>10} {human(row['unique_bytes']):>10}  {row['origin'] or '-'}")
+              f"{human(row['written_bytes']):>10} {human(row['unique_bytes']):>10}  {_list_notes(row)}")
     return 0
+
+
+def _list_notes(row: dict) -> str:
+    """Origin of a clone; why a snapshot stays: hold, dependent clones, schedule."""
+    notes = [row["origin"] or "-"]
+    if row.get("held"):
+        notes.append(f"held: {row.get('hold_reason') or 'no reason given'}")
+    if row.get("clones"):
+        notes.append(f"clones: {', '.join(row['clones'])}")
+    if row.get("auto"):
+        notes.append("auto")
+    return "; ".join(notes)
 
 
 def cmd_gc(args) -> int:

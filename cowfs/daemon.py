@@ -302,6 +302,7 @@ def _prepare(store_path: str, mountpoint: str, target: str):
             lock = store.lock_volume(vol_id, vol_name, f"mounted at {mnt}")
         else:
             lock = store.lock_snapshot(vol_id, gen, target, exclusive=False, holder=f"mounted at {mnt}")
+            _recheck_snapshot(store, vol_id, vol_name, snap, gen, lock)
     except BaseException:
         store.close()
         raise
@@ -314,6 +315,19 @@ def _prepare(store_path: str, mountpoint: str, target: str):
         store.close()
         raise
     return store, lock, fs, mnt
+
+
+def _recheck_snapshot(store: Store, vol_id: int, vol_name: str, snap: str, gen: int, lock) -> None:
+    """The snapshot may have been destroyed between the lookup and our shared lock."""
+    with store.env.begin() as txn:
+        try:
+            now_gen = snapshots.snapshot_gen(txn, store.env, vol_id, vol_name, snap)
+        except NotFoundError:
+            now_gen = None
+    if now_gen != gen:
+        lock.release()
+        raise NotFoundError(f"snapshot {vol_name}@{snap} was destroyed or renamed while mounting; "
+                            "'cowfs list STORE' shows the snapshots")
 
 
 def _serve_until_unmounted(fs: Filesystem, mnt: str, dev: str, commit_interval_s: float,

@@ -265,3 +265,20 @@ def test_snapshot_commands_refuse_bad_input(store, mounts):
     result = cowfs("destroy", store, "main@s", check=False)
     assert result.returncode == errors.EXIT_BUSY and "in use" in result.stderr
     assert "main@s" in listing(store)
+
+
+def test_destroy_leaves_no_lock_files_behind(store, mounts):
+    """Every destroyed snapshot or volume would otherwise leave one file in run/ forever."""
+    main = mounts("main")
+    write(f"{main.path}/f", b"x" * 10_000)
+    cowfs("snapshot", store, "main@s1")
+    cowfs("clone", store, "main@s1", "dev")
+    cowfs("snapshot", store, "dev@d1")
+    snap_view = mounts("main@s1")          # a read-only mount takes the snapshot's lock file
+    snap_view.umount()
+    cowfs("destroy", store, "dev@d1")
+    cowfs("destroy", store, "dev")
+    cowfs("destroy", store, "main@s1")
+    run_dir = os.path.join(store, "run")
+    assert [name for name in os.listdir(run_dir) if name.startswith("snap-")] == []
+    assert "main@s1" not in listing(store)
