@@ -105,7 +105,11 @@ class _Cutover:
         self.state = set()            # stopped-live, unmounted-live, renamed-live, renamed-clone...
 
     def run(self) -> Report:
-        self._inspect()             # bad input raises here, before anything is changed
+        try:
+            self._inspect()         # bad input raises here, before anything is changed
+        except CowfsError:
+            self.ws.close()
+            raise
         try:
             self._switch()
         except CowfsError as exc:
