@@ -59,6 +59,7 @@ def test_rehearsal_passes_while_live_pgbench_runs_and_live_keeps_exactly_its_com
     assert "PostgreSQL 16." in step(report, "start-new")["detail"]
     assert "equal" in step(report, "row-counts")["detail"]
     assert "PASSED" in result.stdout
+    assert report["cutover_estimate_s"] > 0 and "cutover_estimate_s" in result.stdout
 
     # Every snapshot the report names exists; the clone is kept but unmounted.
     names = volume_names(live.store)

@@ -8,7 +8,8 @@
 #      (a regproc column), the live cluster keeps serving;
 #   3. the fix on live (ALTER the column), a rehearsal that PASSES;
 #   4. the cutover: downtime measured, every acknowledged ledger row checked on 16;
-#   5. a summary. Mounts, servers and the demo directory are cleaned up at the
+#   5. the rollback: the pre-upgrade volume serves PostgreSQL 14 again;
+#   6. a summary. Mounts, servers and the demo directory are cleaned up at the
 #      end, also on failure; the exit code is non-zero if any step failed.
 #
 #   bash tools/demo.sh
@@ -129,6 +130,7 @@ say "4. cutover: stop live, upgrade a clone the rehearsed way, serve it at $MNT"
 touch "$DEMO/stop-bench" "$DEMO/stop-snapshots"
 sleep 6                                         # let the running pgbench round and snapshot finish
 SNAPSHOTS_TAKEN="$(cowfs list "$STORE" | grep -c '^live@auto-' || true)"
+ACKED_BEFORE_CUTOVER="$(wc -l <"$DEMO/acked")"
 cowfs pg cutover "$STORE" live --pgdata pgdata --mountpoint "$MNT" --old-bin "$B14" --new-bin "$B16" \
     --json "$DEMO/cutover.json" | sed 's/^/   /' || die "the cutover failed"
 sleep 2                                         # the ledger writer reconnects to 16 and goes on
@@ -139,8 +141,20 @@ VERSION="$(psql_live -c 'SHOW server_version')"
     | sed 's/^/   /' || die "acknowledged ledger rows are missing after the cutover"
 case "$VERSION" in 16.*) ;; *) die "the server on $MNT is $VERSION, not 16";; esac
 
-# --- 5. summary ----------------------------------------------------------------------------
-say "5. summary"
+# --- 5. rollback ---------------------------------------------------------------------------
+say "5. going back is a restart: rollback-cutover serves the pre-upgrade 14 volume again"
+cowfs pg rollback-cutover "$STORE" live --mountpoint "$MNT" --old-bin "$B14" \
+    --json "$DEMO/rollback.json" | sed 's/^/   /' || die "the rollback failed"
+OLD_VERSION="$(psql_live -c 'SHOW server_version')"
+case "$OLD_VERSION" in 14.*) ;; *) die "after the rollback the server is $OLD_VERSION, not 14";; esac
+before_cutover="$(awk -v n="$ACKED_BEFORE_CUTOVER" 'NR <= n' "$DEMO/acked")"
+echo "$before_cutover" >"$DEMO/acked-before-cutover"
+"$PY" -m cowfs.pg.ledger verify --bin "$B16" --host "$RUN" --port "$PORT" \
+    --acked "$DEMO/acked-before-cutover" | sed 's/^/   /' \
+    || die "rows committed before the cutover are missing after the rollback"
+
+# --- 6. summary ----------------------------------------------------------------------------
+say "6. summary"
 "$PY" - "$DEMO" "$VERSION" "$SNAPSHOTS_TAKEN" <<'EOF'
 import json, sys
 demo, version, snaps = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -150,9 +164,11 @@ acked = sum(1 for line in open(f"{demo}/acked") if line.strip())
 dur = lambda r: sum(s["duration_s"] for s in r["steps"])
 print(f"   periodic snapshots of live while it served: {snaps}")
 print(f"   rehearsal 1: FAILED at {r1['failed_step']} ({dur(r1):.1f} s), live untouched")
-print(f"   rehearsal 2: PASSED in {dur(r2):.1f} s (amcheck, row counts, check-sql)")
+print(f"   rehearsal 2: PASSED in {dur(r2):.1f} s (amcheck, row counts, check-sql); it estimated the cutover's downtime at {r2['cutover_estimate_s']:.0f} s")
 print(f"   cutover:     PASSED, downtime {cut['downtime_s']:.1f} s; PostgreSQL {version} now serves "
       f"the volume 'live'; the 14 cluster stays as volume {cut['pre_upgrade_volume']}")
 print(f"   ledger:      {acked} commits acknowledged, 0 lost")
-print("   undo:        cowfs pg rollback-cutover STORE live --mountpoint MNT --old-bin <14 bin>")
+rb = load("rollback")
+print(f"   rollback:    PASSED, downtime {rb['downtime_s']:.1f} s; PostgreSQL 14 with every row "
+      "committed before the cutover (the upgraded volume is kept)")
 EOF

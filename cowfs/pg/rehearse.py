@@ -103,6 +103,7 @@ def _run(store, opts: RehearsalOptions, plan: UpgradePlan, report: Report, ws: W
             step.detail = f"at {plan.mountpoint}"
         _check_input_or_undo(store, plan, ws, live_snapshot)
         server = Upgrader(plan, report, ws).run(stop_at_end=not opts.keep)
+        report.facts["cutover_estimate_s"] = _cutover_estimate(report)
     except BadInput:
         raise
     except CowfsError as exc:
@@ -116,6 +117,22 @@ def _run(store, opts: RehearsalOptions, plan: UpgradePlan, report: Report, ws: W
         problems = ws.close(keep_mounted=opts.keep, keep_logs=not report.ok)
         report.remains.extend(problems)
         _name_remains(store, opts, plan, report, ws, live_snapshot, server if keep_running else None)
+
+
+# Steps a cutover repeats while the live server is down (it adds a fast shutdown,
+# unmounts, renames, a mount and a start, each well under a second here).
+_DOWNTIME_STEPS = ("snapshot-live", "clone", "mount-clone", "recover-old", "initdb-new",
+                   "pg-upgrade-check", "pg-upgrade-link", "install-new", "start-new", "amcheck",
+                   "row-counts", "check-sql", "stop-new")
+
+
+def _cutover_estimate(report: Report) -> float:
+    """About how long a cutover's downtime will be, from the rehearsal's own step times.
+
+    Crash recovery in recover-old makes it an overestimate; a busier
+    machine during the cutover makes it an underestimate.
+    """
+    return round(sum(s.duration_s for s in report.steps if s.name in _DOWNTIME_STEPS), 1)
 
 
 class BadInput(CowfsError):
