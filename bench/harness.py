@@ -80,13 +80,17 @@ def disk_bytes(path: str) -> int:
 
 
 def proc_status(pid: int) -> dict:
-    """VmRSS / VmHWM of a process in bytes ({} when it is gone)."""
+    """VmRSS / VmHWM / RssAnon / RssFile of a process in bytes ({} when it is gone).
+
+    RssFile is mostly the LMDB map (page cache, shared and reclaimable);
+    RssAnon is the daemon's own heap: buffers, caches, Python objects.
+    """
     out = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                     out[key] = int(value.split()[0]) * 1024
     except OSError:
         pass
@@ -172,7 +176,7 @@ class RssMonitor:
 
     def watch(self, pid: int, label: str) -> None:
         with self._lock:
-            self.peaks.setdefault(pid, dict(label=label, hwm=0, rss=0))
+            self.peaks.setdefault(pid, dict(label=label, hwm=0, rss=0, anon=0, file=0))
         self.sample(pid)
 
     def sample(self, pid: int) -> None:
@@ -183,6 +187,8 @@ class RssMonitor:
                 return
             entry["hwm"] = max(entry["hwm"], status.get("VmHWM", 0))
             entry["rss"] = max(entry["rss"], status.get("VmRSS", 0))
+            entry["anon"] = max(entry["anon"], status.get("RssAnon", 0))
+            entry["file"] = max(entry["file"], status.get("RssFile", 0))
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):

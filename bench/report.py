@@ -68,7 +68,9 @@ def evaluate(metric: dict) -> dict:
 def evaluate_rss(peaks: dict) -> dict:
     peak = max((p["hwm"] for p in peaks.values()), default=0)
     worst = max(peaks.values(), key=lambda p: p["hwm"], default=None)
+    anon = max((p.get("anon", 0) for p in peaks.values()), default=0)
     row = dict(name="daemon_peak_rss", unit="MiB", value=peak / MIB, target="< 300 MiB",
+               peak_anon_mib=round(anon / MIB, 1),
                met=peak < RSS_LIMIT_BYTES, where=worst["label"] if worst else None,
                per_daemon={f"{p['label']}": round(p["hwm"] / MIB, 1) for p in peaks.values()})
     if not row["met"]:
@@ -180,7 +182,8 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for row in result["summary"]:
         if row["name"] == "daemon_peak_rss":
-            lines.append(f"| daemon peak RSS (VmHWM) | | {row['value']:.0f} MiB | | {row['target']} | "
+            anon = f" (anon peak {row['peak_anon_mib']:.0f})" if row.get("peak_anon_mib") else ""
+            lines.append(f"| daemon peak RSS (VmHWM) | | {row['value']:.0f} MiB{anon} | | {row['target']} | "
                          f"{'yes' if row['met'] else 'NO'} | {row.get('missed_by', '')} | |")
             continue
         label = row["name"]
