@@ -105,6 +105,11 @@ def _add_cutover(pg_sub) -> None:
                    help="SQL run on the upgraded clone before it goes live; must return true")
     p.add_argument("--database", default="postgres", metavar="NAME",
                    help="database --check-sql runs in (default: postgres)")
+    p.add_argument("--verify", choices=("full", "light"), default="full",
+                   help="full (default): row counts of every table and pg_amcheck before going "
+                        "live, as in the rehearsal; light: only the new server's start and "
+                        "--check-sql, for clusters too big to read whole during the downtime "
+                        "(rehearse with full verification first)")
 
 
 def _add_rollback(pg_sub) -> None:
@@ -190,7 +195,7 @@ def _cutover(args) -> int:
         store=args.store, volume=args.volume, pgdata=args.pgdata, mountpoint=args.mountpoint,
         old_bin=args.old_bin, new_bin=args.new_bin, port=args.port, socket_dir=args.socket_dir,
         keep_old_as=args.keep_old_as, check_sql_path=args.check_sql,
-        database=args.database)), args)
+        database=args.database, verify=args.verify)), args)
 
 
 def _rollback(args) -> int:

@@ -53,6 +53,7 @@ class CutoverOptions:
     keep_old_as: Optional[str] = None
     check_sql_path: Optional[str] = None
     database: str = "postgres"
+    verify: str = "full"
 
 
 @dataclass
@@ -102,6 +103,7 @@ class _Cutover:
         self.ws = Workspace()
         self.live = PgServer(opts.old_bin, os.path.join(self.mnt, self.pgdata))
         self.endpoint: Optional[Endpoint] = None
+        self.settings: dict = {}
         self.state = set()            # stopped-live, unmounted-live, renamed-live, renamed-clone...
 
     def run(self) -> Report:
@@ -122,6 +124,10 @@ class _Cutover:
         with self.report.step("inspect-live") as step:
             check_data_dir(self.live.data_dir, self.pgdata, self.old_major)
             self.endpoint = _live_endpoint(self.live, self.opts)
+            if self.live.port is not None:
+                # Read now, while the server runs, so --verify light needs no
+                # server start on the clone during the downtime.
+                self.settings = cluster.initdb_settings(self.live)
             step.detail = (f"port {self.endpoint.port}, socket directory {self.endpoint.socket_dir}, "
                            f"listen_addresses '{self.endpoint.listen_addresses}'")
 
@@ -145,7 +151,8 @@ class _Cutover:
                            pgdata=self.pgdata, old_bin=self.opts.old_bin, new_bin=self.opts.new_bin,
                            old_major=self.old_major, new_major=self.new_major,
                            check_sql=self.check_sql, check_sql_name=self.opts.check_sql_path or "",
-                           database=self.opts.database)
+                           database=self.opts.database, verify=self.opts.verify,
+                           settings=dict(self.settings))
         Upgrader(plan, report, self.ws).run(stop_at_end=True)
         with report.step("unmount-clone"):
             self.ws.unmount(plan.mountpoint)
@@ -230,10 +237,7 @@ def _live_endpoint(live: PgServer, opts: CutoverOptions) -> Endpoint:
     listen = pid.listen_address if running else ""
     if running:
         live.port, live.socket_dir = port, socket_dir
-        try:
-            listen = live.psql("SHOW listen_addresses")
-        except CowfsError:
-            pass                        # keep the first address from postmaster.pid
+        listen = live.psql("SHOW listen_addresses")
     return Endpoint(port=port, socket_dir=socket_dir, listen_addresses=listen)
 
 
