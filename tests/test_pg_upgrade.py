@@ -227,3 +227,25 @@ def test_cutover_that_fails_verification_restarts_14_on_the_untouched_live_volum
     names = volume_names(live.store)
     assert "live" in names and "live-pre-upgrade" not in names
     assert any(line.startswith("volume live-upgrade-") for line in report["remains"])
+
+
+def test_rehearsal_of_an_unmounted_volume_and_cutover_of_a_stopped_server(live):
+    live.server.psql("CREATE TABLE kept AS SELECT g AS id FROM generate_series(1, 1234) g")
+    live.server.stop("fast")
+    live.mount.umount()
+
+    result, report = rehearse(live)                       # through LMDB, no daemon to ask
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "clean start" in step(report, "recover-old")["detail"]
+
+    live.mount.mount()
+    result = live.pg("cutover", live.store, "live", "--pgdata", PGDATA, "--mountpoint", live.mnt,
+                     "--old-bin", live.pg14_bin, "--new-bin", live.pg16_bin, "--verify", "light")
+    assert_one_line_error(result, 2, "--port")            # no server: its endpoint is unknown
+    result = live.pg("cutover", live.store, "live", "--pgdata", PGDATA, "--mountpoint", live.mnt,
+                     "--old-bin", live.pg14_bin, "--new-bin", live.pg16_bin, "--verify", "light",
+                     "--port", str(live.port), "--socket-dir", live.socket_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    server = live.client(live.pg16_bin)
+    assert server.server_version().startswith("16.")
+    assert server.psql("SELECT count(*) FROM kept") == "1234"
