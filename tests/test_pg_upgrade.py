@@ -4,8 +4,10 @@ Each test starts from a live 14 cluster on volume ``live`` of a fresh store
 (see `pg_helpers.LiveCluster`) and drives `cowfs pg ...` as a user does.
 """
 
-import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -249,3 +251,31 @@ def test_rehearsal_of_an_unmounted_volume_and_cutover_of_a_stopped_server(live):
     server = live.client(live.pg16_bin)
     assert server.server_version().startswith("16.")
     assert server.psql("SELECT count(*) FROM kept") == "1234"
+
+
+def test_cutover_stopped_by_sigterm_serves_the_live_cluster_again(live, workdir):
+    live.server.psql("CREATE TABLE kept AS SELECT g AS id FROM generate_series(1, 777) g")
+    report_path = os.path.join(workdir, "cutover.json")
+    proc = subprocess.Popen([sys.executable, "-m", "cowfs", "pg", "cutover", live.store, "live",
+                             "--pgdata", PGDATA, "--mountpoint", live.mnt, "--old-bin", live.pg14_bin,
+                             "--new-bin", live.pg16_bin, "--json", report_path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The clone exists: the live server is down, the upgrade is under way.
+        wait_for(lambda: any(n.startswith("live-upgrade-") for n in volume_names(live.store))
+                 or proc.poll() is not None)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    report = read_json(report_path)
+    live.remove_later(os.path.dirname(report["logs"]))
+    assert proc.returncode == 1, out + err
+    assert "SIGTERM" in (report["error"] or "") + out
+    assert step(report, "restore-live")["outcome"] == "ok"
+    server = live.client(live.pg14_bin)
+    assert server.server_version().startswith("14.")
+    assert server.psql("SELECT count(*) FROM kept") == "777"
+    assert "live-pre-upgrade" not in volume_names(live.store)

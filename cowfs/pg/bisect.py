@@ -31,7 +31,7 @@ from .rehearse import stamp
 from .report import Report, StepError
 from .server import PgError, PgServer, free_port
 from .upgrade import CLONE_SERVER_SETTINGS, check_pgdata
-from .workspace import Workspace, stop_quietly
+from .workspace import Workspace, terminate_cleanly
 
 
 @dataclass
@@ -84,7 +84,8 @@ def bisect(opts: BisectOptions) -> Report:
     store = Store.open(opts.store)
     try:
         snaps = candidates(store, opts.volume, opts.from_snapshot, opts.to_snapshot)
-        return _Bisect(store, opts, pgdata, snaps).run()
+        with terminate_cleanly():
+            return _Bisect(store, opts, pgdata, snaps).run()
     finally:
         store.close()
 

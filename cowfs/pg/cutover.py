@@ -35,7 +35,8 @@ from .report import Report
 from .server import PgServer
 from .upgrade import (Upgrader, UpgradePlan, check_data_dir, check_pgdata, check_versions,
                       read_check_sql)
-from .workspace import Workspace, mount, mounted_volume, stop_quietly, unmount
+from .workspace import (Workspace, mount, mounted_volume, stop_quietly, terminate_cleanly,
+                        unmount)
 
 RECORD_NAME = ".cowfs-cutover.json"
 
@@ -114,9 +115,11 @@ class _Cutover:
             raise
         try:
             self._switch()
-        except CowfsError as exc:
+        except (CowfsError, KeyboardInterrupt) as exc:
+            # Also Ctrl-C and SIGTERM (`terminate_cleanly`): the live cluster
+            # must be served again, and the report must say so.
             if self.report.failed_step is None:
-                self.report.error = str(exc)
+                self.report.error = str(exc) or "interrupted"
             self._recover()
         return self.report
 
@@ -248,7 +251,8 @@ def _start_at(server: PgServer, endpoint: Endpoint) -> None:
 def cutover(opts: CutoverOptions) -> Report:
     store = Store.open(opts.store)
     try:
-        return _Cutover(opts, store).run()
+        with terminate_cleanly():
+            return _Cutover(opts, store).run()
     finally:
         store.close()
 

@@ -26,7 +26,7 @@ from ..store import Store
 from .report import Report
 from .upgrade import (Upgrader, UpgradePlan, check_data_dir, check_pgdata, check_versions,
                       read_check_sql)
-from .workspace import Workspace
+from .workspace import Workspace, terminate_cleanly
 
 
 @dataclass
@@ -67,7 +67,8 @@ def rehearse(opts: RehearsalOptions) -> Report:
                            new_major=new_major, check_sql=check_sql,
                            check_sql_name=opts.check_sql_path or "", database=opts.database,
                            port=opts.port)
-        _run(store, opts, plan, report, ws, f"{opts.volume}@rehearsal-{when}")
+        with terminate_cleanly():
+            _run(store, opts, plan, report, ws, f"{opts.volume}@rehearsal-{when}")
         return report
     finally:
         store.close()

@@ -12,13 +12,16 @@ It also remembers what it mounted and which servers it started, so that
 Servers are stopped before any unmount: a running server keeps its mount busy.
 """
 
+import glob
 import logging
 import os
+import signal
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from typing import Optional
 
 from .. import daemon
@@ -116,6 +119,7 @@ class Workspace:
         problems = self.stop_servers()
         if not keep_mounted:
             for mnt in reversed(list(self.mounts)):
+                problems += stop_stray_servers(mnt)
                 try:
                     self.unmount(mnt)
                 except CowfsError as exc:
@@ -123,6 +127,36 @@ class Workspace:
         if not self.mounts and not keep_logs:
             shutil.rmtree(self.path, ignore_errors=True)
         return problems
+
+
+def stop_stray_servers(mnt: str, timeout_s: float = 60.0) -> list:
+    """Stop servers on a clone that nobody will stop otherwise; one line per problem.
+
+    pg_upgrade starts servers of its own; when it is killed (Ctrl-C, a
+    timeout) they stay and keep the clone's mount busy. Only a postmaster
+    whose command line names a data directory on this mount is signalled
+    (SIGQUIT: immediate shutdown; the clone is ours and crash-safe anyway).
+    """
+    problems = []
+    for pid_file in glob.glob(os.path.join(mnt, "*", "postmaster.pid")) + \
+            glob.glob(os.path.join(mnt, "postmaster.pid")):
+        data_dir = os.path.dirname(pid_file)
+        try:
+            with open(pid_file) as f:
+                pid = int(f.readline())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except (OSError, ValueError):
+            continue                      # no such process: a stale file, nothing runs
+        if data_dir not in cmdline:
+            continue
+        os.kill(pid, signal.SIGQUIT)
+        deadline = time.monotonic() + timeout_s
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if os.path.exists(f"/proc/{pid}"):
+            problems.append(f"the server on {data_dir} (pid {pid}) did not stop")
+    return problems
 
 
 def stop_quietly(server: PgServer) -> list:
@@ -137,3 +171,25 @@ def stop_quietly(server: PgServer) -> list:
             last = f"could not stop the server of {server.data_dir} ({mode}): {exc}"
             log.warning("%s", last)
     return [last]
+
+
+class Terminated(CowfsError):
+    """SIGTERM arrived; raised inside the workflow so that its cleanup runs."""
+
+    exit_code = 143
+
+
+@contextmanager
+def terminate_cleanly():
+    """Turn SIGTERM into an exception for the duration of a workflow.
+
+    Without it a service manager stopping us mid-cutover would leave the
+    live server stopped; with it the workflow's own failure handling runs.
+    """
+    def _raise(signum, frame):
+        raise Terminated("terminated by SIGTERM; the report says what was undone")
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
