@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         log("not root: caches cannot be dropped and PostgreSQL cannot switch users; expect failures")
     signal.signal(signal.SIGTERM, _sigterm)
+    # Ctrl-C must clean up even when started from a shell that ignores SIGINT (background jobs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stem = args.stem or time.strftime("suite-%Y%m%d", time.gmtime())
     started = time.time()
     metrics, extras, errors = [], [], {}
