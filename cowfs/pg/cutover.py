@@ -138,7 +138,8 @@ class _Cutover:
         report, store = self.report, self.store
         started = time.monotonic()
         with report.step("stop-live") as step:
-            self.state.add("stopped-live")
+            if self.live.port is not None:          # it was running: restart it on failure
+                self.state.add("stopped-live")
             self.live.stop("fast")
             step.detail = "fast shutdown: every committed transaction is on disk"
         with report.step("snapshot-live") as step:
@@ -191,26 +192,27 @@ class _Cutover:
                       old_bin=self.opts.old_bin, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       **vars(self.endpoint))
         path = os.path.join(self.mnt, RECORD_NAME)
-        with open(path, "w") as f:
+        # A new file renamed into place: the volume may hold the record of an
+        # earlier cutover, and a crash must leave one whole record or the other.
+        with open(f"{path}.tmp", "w") as f:
             json.dump(record, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(f"{path}.tmp", path)
 
     def _recover(self) -> None:
         """Serve the live volume with the old server again, as it was before we started."""
         problems = self.ws.close(keep_logs=True)
         self.report.facts["logs"] = self.ws.run_dir
-        if "stopped-live" not in self.state:
-            self.report.remains.extend(problems)
-            return
         try:
             with self.report.step("restore-live") as step:
                 self._undo_switch()
-                _start_at(self.live, self.endpoint)
-                step.detail = (f"PostgreSQL {self.old_major} serves volume {self.opts.volume} at "
-                               f"{self.mnt} again, unchanged")
+                step.detail = f"volume {self.opts.volume} is mounted at {self.mnt} again, unchanged"
+                if "stopped-live" in self.state:
+                    _start_at(self.live, self.endpoint)
+                    step.detail += f"; PostgreSQL {self.old_major} serves it"
         except CowfsError:
-            self.report.remains.append(f"the live cluster is NOT running; see the restore-live step")
+            self.report.remains.append("the live cluster is NOT served; see the restore-live step")
         self.report.remains.extend(problems)
         if _volume_exists(self.store, self.clone):
             self.report.remains.append(f"volume {self.clone} (the failed upgrade, with step "
