@@ -72,7 +72,7 @@ def test_rehearsal_passes_while_live_pgbench_runs_and_live_keeps_exactly_its_com
     assert not os.path.exists(os.path.join(live.mnt, f"{PGDATA}.pg16-new"))
 
     # The live side: pgbench never failed, same postmaster, still 14, data = what pgbench committed.
-    assert bench.failures == [] and bench.rounds >= 2, bench.failures
+    assert bench.failures == [] and bench.rounds >= 1, bench.failures
     assert live.server.postmaster_pid() == live_pid
     assert live.server.server_version().startswith("14.")
     assert_pgbench_consistent(fingerprint(live.server), bench.transactions)
