@@ -279,3 +279,32 @@ def test_cutover_stopped_by_sigterm_serves_the_live_cluster_again(live, workdir)
     assert server.server_version().startswith("14.")
     assert server.psql("SELECT count(*) FROM kept") == "777"
     assert "live-pre-upgrade" not in volume_names(live.store)
+
+
+def test_late_failure_that_check_misses_is_named_and_the_state_before_it_starts(live, workdir):
+    # PostgreSQL 15 removed pg_database.datlastsysoid: --check passes, restoring schemas fails.
+    live.server.psql("CREATE VIEW db_sysoids AS SELECT datname, datlastsysoid FROM pg_database")
+
+    result, report = rehearse(live)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert step(report, "pg-upgrade-check")["outcome"] == "ok"
+    assert report["failed_step"] == "pg-upgrade-link"
+    failed = step(report, "pg-upgrade-link")
+    assert "Restoring database schemas" in failed["detail"], failed["detail"]
+    assert "datlastsysoid does not exist" in failed["detail"], failed["detail"]
+    assert "datlastsysoid does not exist" in failed["log"]
+
+    # The snapshot after the check step is the state before the failing one: 14 starts on it.
+    before = step(report, "pg-upgrade-check")["snapshot"]
+    cowfs("clone", live.store, before, "before-link")
+    mount = Mount(live.store, os.path.join(workdir, "before-link"), "before-link").mount()
+    server = PgServer(live.pg14_bin, os.path.join(mount.path, PGDATA))
+    try:
+        server.start(free_port(exclude=(live.port,)), live.socket_dir)
+        assert server.server_version().startswith("14.")
+        assert int(server.psql("SELECT count(*) FROM db_sysoids")) >= 2
+    finally:
+        server.stop("immediate")
+        mount.close()
+    assert live.server.server_version().startswith("14.")

@@ -226,8 +226,8 @@ class Upgrader:
                 "-s", cwd, "-U", "postgres", "--no-sync", "--jobs", os.cpu_count() or 1,
                 cwd=cwd, timeout_s=3600)
             if result.returncode != 0:
-                raise StepError(f"pg_upgrade --{mode} failed: {_cause(result.stdout)}",
-                                log=_pg_upgrade_log(result.stdout, plan.new_data_dir, cwd))
+                log = _pg_upgrade_log(result.stdout, plan.new_data_dir, cwd)
+                raise StepError(f"pg_upgrade --{mode} failed: {_cause(result.stdout, log)}", log=log)
             step.detail = ("clusters are compatible" if mode == "check"
                            else "upgrade complete (relation files hard-linked)")
 
@@ -320,17 +320,27 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _cause(stdout: str) -> str:
-    """The check that failed and pg_upgrade's first sentence about it, as one line."""
+def _cause(stdout: str, log: str) -> str:
+    """What failed, as one line.
+
+    A failed check prints "<check> ... fatal" and an explanation; a failed
+    action (e.g. restoring schemas, which --check does not try) prints the
+    action, then "*failure*", and the reason is an ERROR line in its logs.
+    """
     lines = [line.rstrip() for line in stdout.splitlines()]
+    first_error = next((l.strip() for l in log.splitlines()
+                        if re.search(r"\b(ERROR|FATAL|PANIC):", l)), "")
+    first_error = re.sub(r"^.*?\b(ERROR|FATAL|PANIC):\s*", "", first_error)
     for i, line in enumerate(lines):
         if re.search(r"\bfatal\s*$", line):
             check = re.sub(r"\s+fatal\s*$", "", line).strip()
             explanation = " ".join(l.strip() for l in lines[i + 1:i + 4] if l.strip())
             sentence = explanation.split(". ")[0].rstrip(".")
             return f"{check}: fatal ({sentence})"
-    errors = [l.strip() for l in lines if "ERROR" in l or "FATAL" in l or "could not" in l]
-    return (errors[0] if errors else _last_line(stdout))[:300]
+        if line.strip() == "*failure*":
+            action = next((l.strip() for l in reversed(lines[:i]) if l.strip()), "a step")
+            return f"{action}: failure ({first_error or 'see the log'})"[:400]
+    return (first_error or _last_line(stdout))[:400]
 
 
 def _pg_upgrade_log(stdout: str, new_data_dir: str, cwd: str) -> str:
