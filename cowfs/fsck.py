@@ -9,6 +9,8 @@ sees the last committed state, which is consistent by construction.
 import collections
 import stat
 
+import lmdb
+
 from . import catalog, schema
 from .errors import StoreError
 from .store import Store
@@ -18,6 +20,7 @@ class Report:
     def __init__(self):
         self.problems: list[str] = []
         self.counts = collections.Counter()
+        self.damaged_chunks: set[bytes] = set()     # missing or wrong bytes
 
     def add(self, problem: str) -> None:
         self.problems.append(problem)
@@ -31,6 +34,7 @@ def check(store: Store, verify_data: bool = False) -> Report:
         refs = _check_records(txn, env, vols, report)
         _check_born_log(txn, env, report)
         _check_chunks(txn, store, refs, verify_data, report)
+        _name_damaged_users(txn, env, report)
         _check_snapshots(txn, env, vols, report)
         for vol_id, record in vols.items():
             try:
@@ -174,21 +178,46 @@ def _check_location(store, pack_sizes, chunk_id, pack_id, offset, length, verify
             pack_sizes[pack_id] = -1
             report.add(f"pack {pack_id:08x} is missing ({store.packs.path(pack_id)})")
     if pack_sizes[pack_id] < 0:
+        report.damaged_chunks.add(chunk_id)
         return
     header_at = offset - schema.ENTRY_HEADER.size
     if header_at < schema.PACK_HEADER.size or offset + length > pack_sizes[pack_id]:
         report.add(f"chunk {chunk_id.hex()}: bytes {offset}..{offset + length} lie outside "
                    f"pack {pack_id:08x} ({pack_sizes[pack_id]} bytes)")
+        report.damaged_chunks.add(chunk_id)
         return
-    magic, stored_len, stored_id = schema.ENTRY_HEADER.unpack(
-        store.packs.read(pack_id, header_at, schema.ENTRY_HEADER.size))
+    try:
+        header = store.packs.read(pack_id, header_at, schema.ENTRY_HEADER.size)
+        data = store.packs.read(pack_id, offset, length) if verify_data else None
+    except OSError as exc:
+        report.add(f"chunk {chunk_id.hex()}: reading pack {pack_id:08x} failed: {exc}")
+        report.damaged_chunks.add(chunk_id)
+        return
+    magic, stored_len, stored_id = schema.ENTRY_HEADER.unpack(header)
     if magic != schema.ENTRY_MAGIC or stored_len != length or stored_id != chunk_id:
         report.add(f"chunk {chunk_id.hex()}: pack {pack_id:08x} holds a different entry at offset {header_at}")
+        report.damaged_chunks.add(chunk_id)
         return
     if verify_data:
         from .chunks import chunk_id_of
-        if chunk_id_of(store.packs.read(pack_id, offset, length)) != chunk_id:
+        if chunk_id_of(data) != chunk_id:
             report.add(f"chunk {chunk_id.hex()}: bytes in pack {pack_id:08x} do not match the checksum")
+            report.damaged_chunks.add(chunk_id)
+
+
+def _name_damaged_users(txn, env, report: Report) -> None:
+    """Which file of which volume (head or snapshot) reads each damaged chunk."""
+    if not report.damaged_chunks:
+        return
+    names = {schema.read_u64(bytes(v)): bytes(k).decode(errors="replace")
+             for k, v in txn.cursor(db=env.volnames)}
+    cs = _chunk_size(txn, env)
+    for vol_id, kind, record_key, gen, raw in catalog.iter_all_versions(txn, env):
+        if kind == schema.KIND_CHUNK and raw[:1] == schema.TAG_LIVE and bytes(raw[1:]) in report.damaged_chunks:
+            offset = schema.chunk_index_of(record_key) * cs
+            report.add(f"volume {names.get(vol_id, vol_id)}: inode {schema.read_u64(record_key)} "
+                       f"reads damaged chunk {bytes(raw[1:]).hex()} at file offset {offset} "
+                       f"(record generation {gen}); reading those bytes gives EIO")
 
 
 # --- directory tree ---------------------------------------------------------------------
@@ -265,6 +294,11 @@ def run(store_path: str, verify_data: bool = False) -> Report:
     store = Store.open(store_path)
     try:
         return check(store, verify_data)
+    except lmdb.Error as exc:
+        # LMDB has no page checksums: a damaged page shows up as an error
+        # (or a wrong value) only when it is read.
+        raise StoreError(f"metadata of store {store.path} is damaged ({exc}); "
+                         "restore meta/ from a copy") from exc
     finally:
         store.close()
 

@@ -15,7 +15,7 @@ import os
 import lmdb
 import pyfuse3
 
-from .errors import FsError
+from .errors import ChunkDamagedError, FsError
 from .filesystem import Filesystem, Inode
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ def _gate(handler):
         except pyfuse3.FUSEError:
             raise
         except FsError as exc:
+            if isinstance(exc, ChunkDamagedError):
+                # Never wrong bytes: the reader gets EIO, the log names the chunk.
+                log.error("%s: %s", handler.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except lmdb.MapFullError:
             log.error("%s: metadata map is full", handler.__name__)
