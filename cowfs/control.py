@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 from typing import Awaitable, Callable
 
@@ -43,8 +44,17 @@ def _in_dir(run_dir: str, func):
         os.chdir(old)
 
 
+def _protect_run_dir(run_dir: str) -> None:
+    """run/ is the first barrier: only its owner may reach the sockets in it."""
+    st = os.stat(run_dir)
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        log.warning("%s had mode %o; setting it back to 0700", run_dir, stat.S_IMODE(st.st_mode))
+        os.chmod(run_dir, 0o700)
+
+
 def listen(run_dir: str, vol_id: int) -> socket.socket:
     name = socket_name(vol_id)
+    _protect_run_dir(run_dir)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
     def bind():
@@ -67,8 +77,15 @@ def remove(run_dir: str, vol_id: int) -> None:
 
 
 def _peer_allowed(sock) -> bool:
+    """The second barrier (if modes were loosened): the kernel-checked peer uid.
+
+    The daemon runs as the store's owner (or root), so its own uid is the owner's.
+    """
     _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return uid in (0, os.getuid())
+    allowed = uid in (0, os.getuid())
+    if not allowed:
+        log.warning("control request from uid %d refused (only root and uid %d)", uid, os.getuid())
+    return allowed
 
 
 async def serve(listener: socket.socket, handle: Callable[[dict], Awaitable[dict]]) -> None:
