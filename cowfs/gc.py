@@ -23,6 +23,7 @@ import os
 
 from . import faults, schema
 from .chunks import chunk_id_of
+from .errors import UsageError
 from .store import Store
 
 DEFAULT_MIN_DEAD_FRACTION = 0.25
@@ -122,6 +123,9 @@ def _drop_if_empty(store: Store, pack_id: int) -> int:
 
 def collect(store: Store, min_dead_fraction: float = DEFAULT_MIN_DEAD_FRACTION) -> dict:
     """One gc pass over every pack no process is appending to."""
+    if not 0.0 <= min_dead_fraction <= 1.0:        # also refuses NaN
+        raise UsageError(f"--min-dead {min_dead_fraction} is not a fraction between 0 and 1 "
+                         "(e.g. 0.25: compact packs at least a quarter dead)")
     result = dict(packs_removed=0, packs_compacted=0, chunks_moved=0, bytes_before=0, bytes_after=0)
     # Compaction copies the live part to free the dead part, so it may use
     # the space reserve: it is how a full store gets space back.
