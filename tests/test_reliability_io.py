@@ -145,3 +145,52 @@ def test_snapshot_of_a_stopped_volume_is_refused_with_exit_code_io(store, workdi
     finally:
         mount.close()
     fsck_clean(store)
+
+
+# --- PostgreSQL on a volume whose pack sync fails ------------------------------------------------
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_postgres_stops_on_a_failed_sync_and_a_restart_recovers_every_commit(store, workdir, pg14_bin):
+    """PostgreSQL's fsync gets EIO, it PANICs and stays down; nothing acknowledged is lost."""
+    from cowfs.pg import PgServer, free_port
+    from test_crash import Ledger, kill_server_tree, wait_reaped
+    arm = os.path.join(workdir, "arm")
+    mount = mount_with_faults(store, os.path.join(workdir, "mnt"), f"pack_sync=EIO@1,armed_by={arm}")
+    pg = PgServer(pg14_bin, os.path.join(mount.path, "pgdata"))
+    postmaster_pid, ledger = None, None
+    try:
+        pg.initdb(data_checksums=True)
+        pg.start(free_port(), os.path.join(workdir, "pgrun"))
+        postmaster_pid = pg.postmaster_pid()
+        pg.psql("CREATE TABLE ledger (n bigint PRIMARY KEY)")
+        ledger = Ledger(pg, 1, os.path.join(workdir, "ledger.err"))
+        ledger.wait_acked(50)
+        open(arm, "w").close()                  # the next pack sync fails
+        wait_reaped(postmaster_pid)             # PANIC, crash recovery fails again: it stops
+        postmaster_pid = None
+        with open(pg.log_path) as f:
+            server_log = f.read()
+        assert "PANIC" in server_log and "Input/output error" in server_log, server_log[-3000:]
+        ledger.finish()
+        assert alive(mount.pid), "the daemon died of an I/O error"
+        result = cowfs("umount", mount.path, check=False)
+        assert result.returncode == errors.EXIT_IO, result.stderr
+        fsck_clean(store)
+        mount.mount()                            # the fault is gone: a restart
+        pg.start(pg.port, pg.socket_dir)
+        postmaster_pid = pg.postmaster_pid()
+        present = {int(n) for n in pg.psql("SELECT n FROM ledger").split()}
+        missing = sorted(set(ledger.acked) - present)
+        assert not missing, f"{len(missing)} acknowledged rows lost, first {missing[:10]}"
+        assert present <= set(range(1, ledger.sent + 1))
+        pg.amcheck()
+        pg.stop("fast")
+        postmaster_pid = None
+    finally:
+        if ledger is not None:
+            ledger.finish()
+        if postmaster_pid is not None:
+            kill_server_tree(postmaster_pid)
+        mount.close()
+    fsck_clean(store)
