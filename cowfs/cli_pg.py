@@ -7,6 +7,7 @@ into the exit code (0 only when every step passed).
 
 import argparse
 import os
+import sys
 
 from .errors import EXIT_FAILURE, EXIT_OK, UsageError
 
@@ -157,9 +158,15 @@ def _add_bisect(pg_sub) -> None:
 
 
 def _emit(report, args) -> int:
-    print(report.text())
+    # JSON first: a script reading it must get it even if our stdout is gone.
     if getattr(args, "json_path", None):
         report.write_json(args.json_path)
+    try:
+        print(report.text(), flush=True)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`, or it was interrupted); the
+        # outcome still goes out as the exit code.
+        sys.stdout = open(os.devnull, "w")
     return EXIT_OK if report.ok else EXIT_FAILURE
 
 

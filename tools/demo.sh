@@ -44,6 +44,7 @@ psql_live() { as_pg "$B16/psql" -h "$RUN" -p "$PORT" -U postgres -XAtq -v ON_ERR
 BG_PIDS=()
 cleanup() {
     rc=$?
+    trap - EXIT INT TERM
     set +e
     touch "$DEMO/stop"
     for pid in "${BG_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
@@ -60,10 +61,17 @@ r = e and d.read_registry(e['dev']); sys.exit(0 if r and r.get('store') == sys.a
             cowfs umount "$mnt" >/dev/null 2>&1 || fusermount3 -u -z "$mnt"
         fi
     done
+    # Workspaces a failed or interrupted command kept for its logs (named in its JSON report).
+    for report in "$DEMO"/*.json; do
+        [ -f "$report" ] || continue
+        logs="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("logs") or "")' \
+                "$report" 2>/dev/null)"
+        case "$logs" in /tmp/cowfs-pg-*/run) rm -rf "$(dirname "$logs")";; esac
+    done
     if [ "${COWFS_DEMO_KEEP:-0}" = 1 ]; then
         echo "demo: kept $DEMO"
     else
-        rm -rf "$DEMO" /tmp/cowfs-pg-demo-logs
+        rm -rf "$DEMO"
     fi
     [ "$rc" -eq 0 ] && echo "demo: cleaned up" || echo "demo: cleaned up after a failure (exit $rc)" >&2
     exit "$rc"
