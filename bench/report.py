@@ -46,6 +46,8 @@ def evaluate(metric: dict) -> dict:
                value=median(r["value"] for r in rounds), ratio=median(r["ratio"] for r in rounds),
                ratios=[round(r["ratio"], 3) for r in rounds if r["ratio"] is not None],
                daemon_cpu_util=median(r.get("daemon_cpu_util") for r in rounds))
+    if any("plain_pair_ratio" in r for r in rounds):
+        row["plain_pair_ratio"] = median(r.get("plain_pair_ratio") for r in rounds)
     if name not in TARGETS or row["ratio"] is None:
         return row
     op, target, text = TARGETS[name]
@@ -195,6 +197,11 @@ def markdown(result: dict) -> str:
         met = "" if "met" not in row else ("yes" if row["met"] else "NO")
         lines.append(f"| {label} | {base} | {value} | {_fmt(row['ratio'])} | {row.get('target', 'report')} "
                      f"| {met} | {row.get('missed_by', '')} | {', '.join(f'{x:.2f}' for x in row['ratios'])} |")
+    for row in result["summary"]:
+        if row.get("plain_pair_ratio") is not None:
+            lines += ["", f"Reference for {row['name']}: on the plain disk, a cluster beside a second "
+                      f"busy cluster of the same size kept {row['plain_pair_ratio']:.2f} of its TPS alone "
+                      "(same rounds, median)."]
     for extra in result["extras"]:
         if extra["name"] == "snapshots_under_load":
             lines += ["", f"**Snapshots under load** ({extra['snapshots']} snapshots, one every "

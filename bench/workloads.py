@@ -52,7 +52,8 @@ class Config:
     def quick(cls) -> "Config":
         return cls(rounds=1, scale=1, tpcb_s=3, select_s=2, seq_bytes=16 * MIB,
                    rand_bytes=16 * MIB, fio_s=2, snap_small_mib=2, snap_large_gib=0.2,
-                   snap_repeat=5, snap_interval_s=0.1, chunk_tpcb_s=2)
+                   snap_repeat=5, snap_interval_s=0.1, chunk_tpcb_s=2,
+                   chunk_sizes=(8192, 32768))
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -323,18 +324,39 @@ def _concurrent(*calls):
         return [f.result() for f in futures]
 
 
+def _plain_pair(h: Harness, cfg: Config, pair: tuple, extra: dict) -> None:
+    """The same on the plain disk: one cluster alone, then beside a second busy one."""
+    (side_a, a), (side_b, b) = pair
+    extra["plain_alone_tps"] = tpcb(h, side_a, a.server, cfg.tpcb_s, "plain_alone")["tps"]
+    checkpoint(b.server)
+    res_a, res_b = _concurrent((tpcb, h, side_a, a.server, cfg.tpcb_s, "plain_pair_a"),
+                               (tpcb, h, side_b, b.server, cfg.tpcb_s, "plain_pair_b"))
+    extra.update(plain_together_tps=res_a["tps"], plain_second_tps=res_b["tps"],
+                 plain_pair_ratio=res_a["tps"] / extra["plain_alone_tps"])
+
+
 def bench_clone_load(h: Harness, cfg: Config) -> list:
-    """Live TPC-B alone vs. while a second server runs TPC-B on a clone of it."""
+    """Live TPC-B alone vs. while a second server runs TPC-B on a clone of it.
+
+    For reference, the same on the plain disk with two independent clusters
+    of the same size (a plain directory has no clone): what this machine
+    gives a second busy server without cowfs (``plain_pair_ratio``).
+    """
     from cowfs import admin
     from cowfs.store import Store
     side = h.cowfs_side("cowfs-live")
     live, _ = loaded_cluster(h, side, cfg)
+    plain_sides = [h.plain_side("plain-live"), h.plain_side("plain-second")]
+    pair = tuple((s, loaded_cluster(h, s, cfg)[0]) for s in plain_sides)
     metric = new_metric("live_with_clone", "TPS", higher_is_better=True, base="live alone",
                         value="live + clone busy", seconds=cfg.tpcb_s)
     for r in range(cfg.rounds):
         alone = together = None
         extra: dict = {}
-        for mode in ordered(r, ["alone", "together"]):
+        for mode in ordered(r, ["alone", "together", "plain"]):
+            if mode == "plain":
+                _plain_pair(h, cfg, pair, extra)
+                continue
             if mode == "alone":
                 alone = tpcb(h, side, live.server, cfg.tpcb_s, "live_alone")["tps"]
                 continue
@@ -366,7 +388,10 @@ def bench_clone_load(h: Harness, cfg: Config) -> list:
                 store.close()
         add_round(metric, alone, together, **extra)
         log(f"clone_load round {r}: live alone {alone:.0f} TPS, with busy clone {together:.0f} "
-            f"(clone {extra['clone_tps']:.0f})")
+            f"(clone {extra['clone_tps']:.0f}); plain alone {extra['plain_alone_tps']:.0f}, "
+            f"beside a second {extra['plain_together_tps']:.0f}")
+    for _side, cluster in pair:
+        h.stop(cluster.server)
     h.stop(live.server)
     h.unmount(side.mount)
     return [metric]
