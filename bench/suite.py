@@ -46,8 +46,8 @@ ORDER = list(workloads.GROUPS)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="groups: " + ", ".join(ORDER))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round (smoke run)")
     parser.add_argument("--rounds", type=int, help="rounds per workload (default 3, quick 1)")
     parser.add_argument("--only", help="comma-separated groups or figure names")
@@ -57,7 +57,8 @@ def parse_args(argv):
                         help="where the plain directories and stores go (default /var/tmp)")
     parser.add_argument("--store-dir", help="EXPERIMENT: put the cowfs stores here instead (e.g. "
                         "/dev/shm, to see what the device flushes cost); not a valid comparison")
-    parser.add_argument("--profile", action="store_true", help="py-spy the daemon (see above)")
+    parser.add_argument("--profile", action="store_true", help="attach py-spy to the daemon in the first cowfs run of "
+                        "each workload (slows those runs)")
     parser.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
                         help="PostgreSQL setting for every server (repeatable), e.g. wal_init_zero=off")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
