@@ -12,16 +12,18 @@ before the crash) before the store is checked and mounted again.
 """
 
 import os
+import random
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from cowfs.pg import PgServer, free_port
-from helpers import fsck_clean
+from helpers import REPO, Mount, cowfs, fsck_clean, tree_snapshot
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -330,3 +332,68 @@ def test_crash_while_a_database_is_created(cluster):
     print("DEBUG databases", databases)
     if "copied" in databases:
         cluster.pg.psql("SELECT count(*) FROM pg_class", database="copied")
+
+
+# --- SIGKILL at random moments of a mixed workload -------------------------------------------
+
+RANDOM_ROUNDS = 20
+FROZEN_CHECKED = 3          # snapshots whose whole tree is compared across later crashes
+
+
+def _side_job(cluster, round_no: int, snapshots_taken: list):
+    """A cowfs command running beside PostgreSQL while the crash comes: snapshot, clone or gc."""
+    store = cluster.store
+    kind = ("snapshot", "gc", "clone", "snapshot+gc")[round_no % 4]
+    if kind == "clone" and not snapshots_taken:
+        kind = "snapshot"
+    if kind == "clone":
+        args = ["clone", store, f"main@{snapshots_taken[-1]}", f"clone{round_no}"]
+    elif kind == "gc":
+        args = ["gc", store, "--min-dead", "0.1"]
+    else:
+        args = ["snapshot", store, f"main@r{round_no}"]
+    proc = subprocess.Popen([sys.executable, "-m", "cowfs", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    extra = None
+    if kind == "snapshot+gc":
+        extra = subprocess.Popen([sys.executable, "-m", "cowfs", "gc", store], cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return kind, args, proc, extra
+
+
+def _frozen_tree(store: str, workdir: str, snap: str) -> dict:
+    mount = Mount(store, os.path.join(workdir, "frozen"), volume=f"main@{snap}").mount()
+    try:
+        return tree_snapshot(mount.path)
+    finally:
+        mount.close()
+
+
+def test_sigkill_at_random_moments_of_pgbench_ledger_snapshots_clones_and_gc(cluster):
+    """Rule 6 at 20 random moments; the seed is printed (COWFS_CRASH_SEED repeats a run)."""
+    seed = int(os.environ.get("COWFS_CRASH_SEED", random.SystemRandom().randrange(1 << 30)))
+    print(f"COWFS_CRASH_SEED={seed}")
+    rng = random.Random(seed)
+    cluster.pg.pgbench_init(1)
+    taken: list[str] = []
+    frozen: dict[str, dict] = {}
+    for round_no in range(RANDOM_ROUNDS):
+        cluster.start_ledger().wait_acked(10)
+        # -n: no vacuum, which would TRUNCATE pgbench_history and make the
+        # balance check of earlier rounds meaningless.
+        cluster.client("pgbench", "-n", "-c", "2", "-j", "2", "-T", "600", "postgres")
+        kind, args, proc, extra = _side_job(cluster, round_no, taken)
+        time.sleep(rng.uniform(0.0, 1.5))            # the random moment of the kill
+        cluster.crash_and_recover()
+        for job in (proc, extra):
+            if job is not None:
+                job.wait(timeout=WAIT_S)
+        if args[0] == "snapshot" and proc.returncode == 0:
+            taken.append(args[2].split("@")[1])
+            if len(frozen) < FROZEN_CHECKED:
+                frozen[taken[-1]] = _frozen_tree(cluster.store, cluster.workdir, taken[-1])
+        cluster.assert_recovered(1)
+    listed = cowfs("list", cluster.store).stdout
+    assert all(f"main@{snap}" in listed for snap in taken), (taken, listed)
+    for snap, tree in frozen.items():
+        assert _frozen_tree(cluster.store, cluster.workdir, snap) == tree, f"snapshot {snap} changed"
