@@ -27,6 +27,9 @@ def check_name(name: str, what: str = "volume") -> str:
 
 
 def volume_id(txn, env, name: str) -> int:
+    # Every name a user typed meets the catalog here: refuse malformed ones
+    # first (an empty key would even be an LMDB error, not a lookup miss).
+    check_name(name)
     raw = txn.get(name.encode(), db=env.volnames)
     if raw is None:
         raise NotFoundError(f"no volume named {name!r}; 'cowfs list STORE' shows the volumes")

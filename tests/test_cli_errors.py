@@ -194,23 +194,9 @@ NAME_SLOTS = {
 }
 # Slots that take a whole VOL or VOL@SNAP target: "a@b" is well formed there (volume a).
 WHOLE_TARGET_SLOTS = {"destroy-vol", "rename-old", "mount-volume"}
-# Known gaps in other areas, reported to the lead: `cowfs prune` and `cowfs
-# policy` look the volume up without checking the name (an empty one even
-# ends in a traceback from LMDB, via volumes.volume_id).
-KNOWN_GAPS = {"prune": "prune does not check the volume name before the lookup",
-              "policy": "policy does not check the volume name before the lookup"}
-
-
-def _case(slot: str, kind: str):
-    gap = KNOWN_GAPS.get(slot)
-    if gap and kind != "unknown":
-        return pytest.param(slot, kind, marks=pytest.mark.xfail(strict=True, reason=gap))
-    return pytest.param(slot, kind)
-
-
 # A name that is valid but names nothing: not found, only where it must exist.
-CASES = [_case(slot, kind) for slot in NAME_SLOTS for kind in BAD_NAMES]
-CASES += [_case(slot, "unknown") for slot, (_, must_exist) in NAME_SLOTS.items() if must_exist]
+CASES = [(slot, kind) for slot in NAME_SLOTS for kind in BAD_NAMES]
+CASES += [(slot, "unknown") for slot, (_, must_exist) in NAME_SLOTS.items() if must_exist]
 
 
 @pytest.fixture(scope="module")
