@@ -1,6 +1,6 @@
 """The cowfs benchmark suite: every workload on a plain directory and on cowfs, as ratios.
 
-    bash tools/bench.sh                       # set up, then everything (about 25 minutes)
+    bash tools/bench.sh                       # set up, then everything (about 24 minutes)
     .venv/bin/python bench/suite.py --quick   # tiny sizes, one round: a smoke run
     .venv/bin/python bench/suite.py --only pgbench,seqio --rounds 5
     .venv/bin/python bench/suite.py --only tpcb,seq_write --rounds 1 --profile
