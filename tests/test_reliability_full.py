@@ -113,3 +113,83 @@ def test_full_disk_gives_enospc_keeps_committed_data_and_recovers_after_destroy_
     finally:
         mount.close()
     fsck_clean(store)
+
+
+# --- PostgreSQL on a full disk -------------------------------------------------------------------
+
+PG_IMAGE_BYTES = 288 << 20
+# More than the daemon may hold buffered (filesystem.DIRTY_LIMIT_BYTES): the
+# writes PostgreSQL made before the disk filled are flushed first once space
+# is back, and recovery still needs room after them.
+PG_BALLAST_BYTES = 112 << 20
+FILL_SQL = ("INSERT INTO filler SELECT (SELECT string_agg(md5(random()::text || g::text || s::text), '') "
+            "FROM generate_series(1, 250) s) FROM generate_series(1, 1000) g")
+
+
+@pytest.mark.postgres
+def test_postgres_on_a_full_disk_stops_and_recovers_every_commit_after_destroy_and_gc(
+        workdir, pg14_bin):
+    from cowfs.pg import PgError, PgServer, free_port
+    from test_crash import Ledger, kill_server_tree, wait_reaped
+    image, disk = os.path.join(workdir, "pgdisk.img"), os.path.join(workdir, "pgdisk")
+    os.mkdir(disk)
+    _run("truncate", "-s", str(PG_IMAGE_BYTES), image)
+    assert _run("mkfs.ext4", "-q", "-F", image).returncode == 0
+    assert _run("mount", "-o", "loop", image, disk).returncode == 0
+    store = os.path.join(disk, "store")
+    mount = Mount(store, os.path.join(workdir, "mnt"))
+    pg, postmaster_pid, ledger = None, None, None
+    try:
+        cowfs("init", store)
+        mount.mount()
+        with open(f"{mount.path}/ballast", "wb") as f:
+            for _ in range(PG_BALLAST_BYTES // WRITE_STEP_BYTES):
+                f.write(os.urandom(WRITE_STEP_BYTES))
+        mount.umount()
+        cowfs("snapshot", store, "main@old")          # the only holder of the ballast
+        mount.mount()
+        os.unlink(f"{mount.path}/ballast")
+        pg = PgServer(pg14_bin, os.path.join(mount.path, "pgdata"))
+        pg.initdb(data_checksums=True)
+        pg.start(free_port(), os.path.join(workdir, "pgrun"))
+        postmaster_pid = pg.postmaster_pid()
+        pg.psql("CREATE TABLE ledger (n bigint PRIMARY KEY); CREATE TABLE filler (t text); "
+                "ALTER TABLE filler ALTER t SET STORAGE EXTERNAL")
+        ledger = Ledger(pg, 1, os.path.join(workdir, "ledger.err"))
+        ledger.wait_acked(50)
+        for _ in range(PG_IMAGE_BYTES // (8 << 20) + 10):
+            try:
+                pg.psql(FILL_SQL)
+            except PgError:
+                break
+        else:
+            raise AssertionError("PostgreSQL filled the disk without an error")
+        wait_reaped(postmaster_pid)                   # PANIC on the failed fsync; it stays down
+        postmaster_pid = None
+        ledger.finish()
+        with open(pg.log_path) as f:
+            assert "No space left on device" in f.read()
+        assert mount.pid is not None and os.path.exists(f"/proc/{mount.pid}"), "the daemon died"
+        cowfs("destroy", store, "main@old")
+        cowfs("gc", store)
+        pg.start(pg.port, pg.socket_dir)              # crash recovery, now with space
+        postmaster_pid = pg.postmaster_pid()
+        present = {int(n) for n in pg.psql("SELECT n FROM ledger").split()}
+        missing = sorted(set(ledger.acked) - present)
+        assert not missing, f"{len(missing)} acknowledged rows lost, first {missing[:10]}"
+        pg.psql("TRUNCATE filler; INSERT INTO ledger VALUES (-1)")   # writes work again
+        pg.amcheck()
+        pg.stop("fast")
+        postmaster_pid = None
+        mount.umount()
+        fsck_clean(store)
+    finally:
+        if ledger is not None:
+            ledger.finish()
+        if postmaster_pid is not None:
+            kill_server_tree(postmaster_pid)
+        mount.close()
+        if _run("umount", disk).returncode != 0:
+            _run("umount", "-l", disk)
+        for line in _run("losetup", "-j", image).stdout.splitlines():
+            _run("losetup", "-d", line.split(":", 1)[0])
