@@ -642,12 +642,20 @@ class Filesystem:
 
     # --- open files ----------------------------------------------------------------------
 
-    def open(self, ino: int, writable: bool) -> Inode:
-        if writable:
+    def open(self, ino: int, writable: bool, truncate: bool = False) -> Inode:
+        """An open file handle; `truncate` is O_TRUNC.
+
+        The kernel passes O_TRUNC to us instead of sending a setattr (FUSE's
+        atomic O_TRUNC) and already shows the file as empty, so ignoring the
+        flag would bring the old bytes back at the next mount.
+        """
+        if writable or truncate:
             self._check_writable()
         inode = self.get(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR, f"inode {ino}")
+        if truncate and inode.attrs["size"] != 0:
+            self._truncate(inode, 0)
         inode.opens += 1
         return inode
 

@@ -147,7 +147,7 @@ class FuseOps(pyfuse3.Operations):
     @_gate
     async def open(self, inode, flags, ctx):
         writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
-        self.fs.open(inode, writable)
+        self.fs.open(inode, writable, truncate=bool(flags & os.O_TRUNC))
         # keep_cache: the kernel's pages stay valid across opens, only this
         # daemon changes the file and every change passes through the kernel.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)

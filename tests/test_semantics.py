@@ -44,8 +44,8 @@ class Mirror:
     def step(self):
         op = self.rng.choices(
             ["create", "write", "append", "truncate", "rename", "unlink", "link", "symlink",
-             "chmod", "mkdir", "rmdir", "sparse"],
-            weights=[8, 20, 8, 6, 6, 4, 4, 3, 4, 3, 2, 4])[0]
+             "chmod", "mkdir", "rmdir", "sparse", "rewrite"],
+            weights=[8, 20, 8, 6, 6, 4, 4, 3, 4, 3, 2, 4, 4])[0]
         getattr(self, "op_" + op)()
 
     def pick_file(self):
@@ -100,6 +100,18 @@ class Mirror:
             return
         size = self.rng.choice([0, 1, CHUNK, CHUNK + 5, self.rng.randrange(500_000)])
         self.both(lambda p: os.truncate(p, size), path)
+
+    def op_rewrite(self):
+        """open(path, "w"): O_TRUNC, then new contents (how configuration files are written)."""
+        path = self.pick_file()
+        if path is None:
+            return
+        data = self.rng.randbytes(self.rng.choice([0, 100, CHUNK + 1]))
+
+        def rewrite(p):
+            with open(p, "wb") as f:
+                f.write(data)
+        self.both(rewrite, path)
 
     def op_rename(self):
         if not self.files:
@@ -324,3 +336,17 @@ def test_identical_chunks_are_stored_once_and_zero_chunks_not_at_all(mounted, st
     mounted.mount()
     with open(os.path.join(mounted.path, "zeros"), "rb") as f:
         assert f.read() == bytes(64 * CHUNK)
+
+
+def test_open_with_o_trunc_replaces_the_contents_across_remount(mounted, store):
+    """FUSE hands O_TRUNC to open(); ignoring it brought the old size back after a remount."""
+    path = os.path.join(mounted.path, "postgresql.conf")
+    with open(path, "wb") as f:
+        f.write(b"x" * 30_000)
+    with open(path, "wb") as f:
+        f.write(b"y" * 100)
+    assert os.stat(path).st_size == 100
+    mounted.umount()
+    mounted.mount()
+    with open(path, "rb") as f:
+        assert f.read() == b"y" * 100
