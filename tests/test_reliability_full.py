@@ -193,3 +193,32 @@ def test_postgres_on_a_full_disk_stops_and_recovers_every_commit_after_destroy_a
             _run("umount", "-l", disk)
         for line in _run("losetup", "-j", image).stdout.splitlines():
             _run("losetup", "-d", line.split(":", 1)[0])
+
+
+def test_lmdb_commit_refused_by_a_full_filesystem_counts_as_full_disk_not_io_error(workdir):
+    """LMDB reports its short page write as EIO; the free space tells a full disk apart.
+
+    A full disk keeps the volume usable (the commit is retried once space is
+    back); any other LMDB commit failure stops it (rule 3).
+    """
+    import lmdb
+    from cowfs.filesystem import is_full_disk
+    tiny = os.path.join(workdir, "tiny")
+    os.mkdir(tiny)
+    assert _run("mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", tiny).returncode == 0
+    try:
+        env = lmdb.open(os.path.join(tiny, "meta"), map_size=1 << 30)
+        try:
+            with pytest.raises(lmdb.Error) as exc:
+                for _ in range(10_000):
+                    with env.begin(write=True) as txn:
+                        for _ in range(50):
+                            txn.put(os.urandom(16), os.urandom(2000))
+            assert is_full_disk(exc.value, os.path.join(tiny, "meta"))
+            with env.begin(write=True) as txn:       # LMDB aborted cleanly: still usable
+                txn.put(b"k", b"v")
+        finally:
+            env.close()
+    finally:
+        _run("umount", tiny)
+    assert not is_full_disk(lmdb.Error("mdb_txn_commit: Input/output error"), workdir)
