@@ -26,7 +26,10 @@ try:
 except OSError as exc:
     print(json.dumps(dict(connect_errno=exc.errno)))
     sys.exit(0)
-sock.sendall(json.dumps(dict(op="snapshot", name="intruder")).encode() + b"\\n")
+try:
+    sock.sendall(json.dumps(dict(op="snapshot", name="intruder")).encode() + b"\\n")
+except BrokenPipeError:
+    pass        # a refused peer is answered and dropped before its request is read
 print(sock.recv(65536).decode().strip())
 """
 
