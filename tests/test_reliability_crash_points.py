@@ -29,8 +29,11 @@ def detach_dead_mount(mount: Mount) -> None:
 
 
 def crashing_mount(store: str, workdir: str, point: str) -> tuple[Mount, str]:
+    """A mount that dies at `point` once armed; no periodic commit may get there first."""
     arm = os.path.join(workdir, "arm")
-    return mount_with_faults(store, os.path.join(workdir, "mnt"), f"crash={point}@1,armed_by={arm}"), arm
+    mount = mount_with_faults(store, os.path.join(workdir, "mnt"), f"crash={point}@1,armed_by={arm}",
+                              "--commit-interval", "3600")
+    return mount, arm
 
 
 @pytest.mark.parametrize("point", WRITE_POINTS)

@@ -23,10 +23,10 @@ from cowfs import errors
 from helpers import Mount, cowfs, daemon_pid, fsck_clean
 
 
-def mount_with_faults(store: str, mountpoint: str, spec: str) -> Mount:
+def mount_with_faults(store: str, mountpoint: str, spec: str, *mount_args: str) -> Mount:
     """Mount through `cowfs mount` with a fault plan for its daemon (tests only)."""
     os.makedirs(mountpoint, exist_ok=True)
-    cowfs("mount", store, mountpoint, env={**os.environ, "COWFS_FAULTS": spec})
+    cowfs("mount", store, mountpoint, *mount_args, env={**os.environ, "COWFS_FAULTS": spec})
     mount = Mount(store, mountpoint)
     mount.pid = daemon_pid(mountpoint)
     return mount
@@ -105,7 +105,9 @@ def test_failed_pack_io_must_fail_every_later_fsync_until_remount(store, workdir
 def test_full_disk_on_pack_write_fails_fsync_and_a_retry_stores_the_data(store, workdir):
     """ENOSPC: the write was undone and the bytes kept, so a later fsync is honest."""
     arm = os.path.join(workdir, "arm")
-    mount = mount_with_faults(store, os.path.join(workdir, "mnt"), f"pack_write=ENOSPC@1,armed_by={arm}")
+    # No periodic commit: it could meet the one-time fault before the fsync does.
+    mount = mount_with_faults(store, os.path.join(workdir, "mnt"), f"pack_write=ENOSPC@1,armed_by={arm}",
+                              "--commit-interval", "3600")
     data = os.urandom(150_000)
     try:
         open(arm, "w").close()
