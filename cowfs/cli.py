@@ -25,6 +25,17 @@ def parse_size(text: str) -> int:
     return int(digits) * _SIZE_UNITS[unit]
 
 
+def parse_interval_s(text: str) -> float:
+    """A commit interval in seconds: a finite number from 0.1 to 3600."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.1 <= value <= 3600:       # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"invalid interval {text!r}: give seconds from 0.1 to 3600")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(f"{message} (see '{self.prog} --help')")
@@ -64,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true",
                    help="serve in this process until unmounted (for service managers); "
                         "logs go to stderr")
-    p.add_argument("--commit-interval", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--commit-interval", type=parse_interval_s, default=5.0, metavar="SECONDS",
                    help="commit buffered writes at least this often (default 5); fsync "
                         "always commits at once")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

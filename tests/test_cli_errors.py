@@ -251,15 +251,21 @@ def test_nul_in_a_name_is_refused_by_the_name_check():
     ["clone", "STORE", "main@s1"],
     ["rename", "STORE", "main"],
     ["snapshot", "STORE", "main"],
+    ["mount", "STORE", "MNT", "--commit-interval", "-1"],
+    ["mount", "STORE", "MNT", "--commit-interval", "nan"],
+    ["mount", "STORE", "MNT", "--commit-interval", "0"],
 ])
 def test_missing_or_out_of_range_arguments_are_usage_errors(shared_store, args):
-    store, _ = shared_store
+    store, mnt = shared_store
     new_store = os.path.join(os.path.dirname(store), "new-store")
-    argv = [store if a == "STORE" else new_store if a == "NEWSTORE" else a for a in args]
+    argv = [store if a == "STORE" else new_store if a == "NEWSTORE" else mnt if a == "MNT" else a
+            for a in args]
     before = tree_digest_file(os.path.join(store, "meta", "data.mdb"))
     assert_one_line_error(cowfs(*argv, check=False), errors.EXIT_USAGE)
     assert tree_digest_file(os.path.join(store, "meta", "data.mdb")) == before
     assert not os.path.exists(new_store)
+    with open("/proc/self/mounts") as f:
+        assert f" {mnt} " not in f.read(), "a refused mount left a mount behind"
 
 
 @pytest.mark.parametrize("command", ["list", "gc", "df", "fsck", "scrub", "snapshot", "destroy"])
