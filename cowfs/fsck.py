@@ -36,6 +36,7 @@ def check(store: Store, verify_data: bool = False) -> Report:
         _check_chunks(txn, store, refs, verify_data, report)
         _name_damaged_users(txn, env, report)
         _check_snapshots(txn, env, vols, report)
+        _check_holds_and_policies(txn, env, vols, report)
         for vol_id, record in vols.items():
             try:
                 _check_tree(txn, env, vol_id, record, report)
@@ -93,6 +94,18 @@ def _check_snapshots(txn, env, vols: dict, report: Report) -> None:
         vol_id, name = schema.read_u64(bytes(key)), bytes(key)[8:].decode(errors="replace")
         if txn.get(schema.snapshot_key(vol_id, schema.read_u64(bytes(raw))), db=env.snapshots) is None:
             report.add(f"snapshot name {name!r} of volume id {vol_id} points at no snapshot")
+
+
+def _check_holds_and_policies(txn, env, vols: dict, report: Report) -> None:
+    """A hold must name a snapshot, a policy a volume: else destroy and pruning misjudge them."""
+    for key, _raw in txn.cursor(db=env.holds):
+        vol_id, gen = schema.read_u64(bytes(key)), schema.read_u64(bytes(key), 8)
+        if txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots) is None:
+            report.add(f"hold on generation {gen} of volume id {vol_id} names no snapshot")
+    for key, _raw in txn.cursor(db=env.policies):
+        vol_id = schema.read_u64(bytes(key))
+        if vol_id not in vols:
+            report.add(f"snapshot policy of missing volume id {vol_id}")
 
 
 # --- records ------------------------------------------------------------------------------

@@ -251,3 +251,18 @@ def test_snapshot_name_without_snapshot(built):
         mid = vol_id(raw, "main")
         raw.put("snapnames", schema.snapname_key(mid, "phantom"), schema.u64(999))
     assert "snapshot name 'phantom'" in fsck_problems(built)
+
+
+def test_hold_on_a_missing_snapshot(built):
+    with Raw(built) as raw:
+        raw.put("holds", schema.hold_key(vol_id(raw, "main"), 999), schema.pack_hold(0, "lost"))
+    assert "hold on generation 999" in fsck_problems(built)
+
+
+def test_policy_of_a_missing_volume(built):
+    cowfs("policy", built, "c1", "--every", "1h", "--keep", "3")
+    fsck_clean(built)
+    with Raw(built) as raw:
+        c1 = vol_id(raw, "c1")
+        raw.put("policies", schema.policy_key(77), dict(raw.items("policies"))[schema.policy_key(c1)])
+    assert "snapshot policy of missing volume id 77" in fsck_problems(built)
