@@ -731,12 +731,18 @@ class Filesystem:
             ch.attrs(inode)["ctime_ns"] = time.time_ns()
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        self.get(ino)
-        with self.env.begin() as txn:
-            value = catalog.get(txn, self.env, self.chain, schema.KIND_XATTR, schema.xattr_key(ino, name))
+        value = self.xattr_or_none(ino, name)
         if value is None:
             raise FsError(errno.ENODATA, name.decode(errors="replace"))
         return value
+
+    def xattr_or_none(self, ino: int, name: bytes) -> bytes | None:
+        """The xattr value, or None when absent: the kernel asks for
+        security.capability before every write (no S_NOSEC), so a miss must
+        not cost an exception through several layers."""
+        self.get(ino)
+        with self.env.begin() as txn:
+            return catalog.get(txn, self.env, self.chain, schema.KIND_XATTR, schema.xattr_key(ino, name))
 
     def listxattr(self, ino: int) -> list[bytes]:
         self.get(ino)

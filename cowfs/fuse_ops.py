@@ -219,7 +219,12 @@ class FuseOps(pyfuse3.Operations):
 
     @_gate
     async def getxattr(self, inode, name, ctx):
-        return self.fs.getxattr(inode, name)
+        value = self.fs.xattr_or_none(inode, name)
+        if value is None:
+            # The common miss (security.capability before each write) answers
+            # ENODATA here; the gate passes FUSEError through untouched.
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
 
     @_gate
     async def listxattr(self, inode, ctx):
