@@ -440,18 +440,34 @@ class Filesystem:
         end = min(offset + size, inode.attrs["size"])
         if offset >= end:
             return b""
-        parts = []
+        indices = range(offset // cs, (end - 1) // cs + 1)
         with self.env.begin() as txn:
-            for idx in range(offset // cs, (end - 1) // cs + 1):
-                base = idx * cs
-                buf = inode.dirty.get(idx)
-                data = buf if buf is not None else self._stored_chunk(txn, ino, idx)
-                lo, hi = max(offset, base) - base, min(end, base + cs) - base
-                piece = bytes(data[lo:hi])
-                if len(piece) < hi - lo:      # short chunk or hole: zeros
-                    piece += bytes(hi - lo - len(piece))
-                parts.append(piece)
+            stored = self._stored_chunks(txn, inode, indices)
+        parts = []
+        for idx in indices:
+            base = idx * cs
+            buf = inode.dirty.get(idx)
+            data = buf if buf is not None else stored.get(idx, b"")
+            lo, hi = max(offset, base) - base, min(end, base + cs) - base
+            piece = bytes(data[lo:hi])
+            if len(piece) < hi - lo:      # short chunk or hole: zeros
+                piece += bytes(hi - lo - len(piece))
+            parts.append(piece)
         return b"".join(parts)
+
+    def _stored_chunks(self, txn, inode: Inode, indices: range) -> dict[int, bytes]:
+        """Stored bytes of the clean, non-hole chunks among `indices`, read
+        together so that chunks adjacent in a pack cost one pread."""
+        wanted: list[tuple[int, bytes]] = []
+        for idx in indices:
+            if idx in inode.dirty:
+                continue
+            chunk_id = catalog.get(txn, self.env, self.chain, schema.KIND_CHUNK,
+                                   schema.chunk_key(inode.ino, idx))
+            if chunk_id is not None:
+                wanted.append((idx, chunk_id))
+        datas = self.store.chunks.read_many(txn, [chunk_id for _, chunk_id in wanted])
+        return {idx: data for (idx, _), data in zip(wanted, datas)}
 
     def write(self, ino: int, offset: int, data: bytes) -> int:
         self._check_writable()
