@@ -23,7 +23,7 @@ from typing import Optional
 import pyfuse3
 import trio
 
-from . import admin, control, policy, snapshots, volumes
+from . import admin, control, policy, schema, snapshots, volumes
 from .errors import BusyError, CowfsError, NotFoundError, StoreIOError, UsageError
 from .filesystem import Filesystem
 from .fuse_ops import FuseOps
@@ -204,7 +204,7 @@ def _control_handler(fs: Filesystem, mountpoint: str):
             # its writes come back to this event loop.
             await trio.to_thread.run_sync(_syncfs, mountpoint)
             if op == "flush":
-                fs.flush_all()
+                fs.sync_all()
                 return dict(ok=True)
             return dict(ok=True, gen=fs.snapshot(request["name"]))
         if op == "stats":
@@ -292,6 +292,9 @@ def run(store_path: str, mountpoint: str, volume: str, ready_fd: Optional[int] =
 def _prepare(store_path: str, mountpoint: str, target: str):
     """Open, check and lock; `target` is VOL (read-write) or VOL@SNAP (read-only)."""
     vol_name, snap = snapshots.parse_target(target)
+    # Namespace commits skip their own meta-page flush; every path that
+    # acknowledges durability syncs the environment (rule 2, rule 5).
+    schema.Env.metasync = False
     store = Store.open(store_path)
     try:
         mnt = check_mountpoint(mountpoint)
@@ -351,7 +354,7 @@ def _serve_until_unmounted(fs: Filesystem, mnt: str, dev: str, commit_interval_s
 
 def _final_flush(fs: Filesystem) -> Optional[str]:
     try:
-        fs.flush_all()
+        fs.sync_all()      # rule 2: also the metadata of earlier namespace commits
         return None
     except Exception as exc:
         # Rule 3: `cowfs umount` reports this (exit 7) instead of success.

@@ -329,6 +329,7 @@ class Filesystem:
         dirty = [self.inodes[ino] for ino in self.dirty_inos]
         with self._change(flush=dirty) as ch:
             gen = snapshots.take(ch.txn, self.env, self.vol_id, name)
+        self._sync_metadata()       # rule 5: durable when the command returns
         # Chunk maps of the flush above were written at `gen`, inside the
         # snapshot; from now on writes create new versions at gen + 1.
         self.chain[0] = (self.vol_id, gen + 1)
@@ -339,7 +340,22 @@ class Filesystem:
         # the caller, and once the volume stopped every later fsync fails.
         if self.stopped is not None:
             raise VolumeStoppedError(self.stopped)
+        self.sync_all()
+
+    def sync_all(self) -> None:
+        """Rule 2: everything acknowledged before is committed and durable.
+
+        The daemon's environment does not flush the meta page at each commit
+        (`schema.Env.metasync`), so even with nothing buffered an earlier
+        namespace commit (create, rename...) may not be durable yet: always
+        sync the environment after the group commit."""
         self.flush_all()
+        self._sync_metadata()
+
+    def _sync_metadata(self) -> None:
+        # A failed sync stops the volume like a failed commit (rule 3).
+        with self._flush_guard():
+            self.env.lmdb.sync(True)
 
     # --- attributes ------------------------------------------------------------------
 

@@ -195,8 +195,9 @@ class FuseOps(pyfuse3.Operations):
     @_gate
     async def fsyncdir(self, fh, datasync):
         # Namespace changes are committed when they happen; this makes the
-        # buffered data of the volume durable too (rule 2).
-        self.fs.flush_all()
+        # buffered data of the volume durable too, and syncs the metadata of
+        # those earlier commits (rule 2).
+        self.fs.sync_all()
 
     @_gate
     async def statfs(self, ctx):

@@ -322,12 +322,18 @@ def unpack_le_u64(raw: bytes) -> int:
 class Env:
     """An open LMDB environment with its named sub-databases as attributes."""
 
+    # Commands outside the daemon keep metasync: every commit is durable
+    # when it returns, which makes the LMDB commit the commit point (rule 2).
+    # The mount daemon sets this to False before opening its store
+    # (MDB_NOMETASYNC: each commit still fdatasyncs its data pages, only the
+    # meta page waits) and syncs the environment in every path that
+    # acknowledges durability (`Filesystem.sync_all`, `snapshot`).
+    metasync = True
+
     def __init__(self, path: str, readonly: bool = False, create: bool = False):
-        # sync/metasync stay on: every commit is durable when it returns,
-        # which is what makes the LMDB commit the commit point (rule 2).
         self.lmdb = lmdb.open(path, map_size=LMDB_MAP_SIZE, max_dbs=LMDB_MAX_DBS,
                               max_readers=LMDB_MAX_READERS, subdir=True, create=create,
-                              readonly=readonly, lock=True, sync=True, metasync=True,
+                              readonly=readonly, lock=True, sync=True, metasync=self.metasync,
                               readahead=False, meminit=False)
         self.dbs = {name: self.lmdb.open_db(name.encode(), create=not readonly)
                     for name in DB_NAMES}
