@@ -23,7 +23,7 @@ from typing import Optional
 import pyfuse3
 import trio
 
-from . import admin, control, policy, schema, snapshots, volumes
+from . import admin, control, policy, snapshots, volumes
 from .errors import BusyError, CowfsError, NotFoundError, StoreIOError, UsageError
 from .filesystem import Filesystem
 from .fuse_ops import FuseOps
@@ -294,8 +294,7 @@ def _prepare(store_path: str, mountpoint: str, target: str):
     vol_name, snap = snapshots.parse_target(target)
     # Namespace commits skip their own meta-page flush; every path that
     # acknowledges durability syncs the environment (rule 2, rule 5).
-    schema.Env.metasync = False
-    store = Store.open(store_path)
+    store = Store.open(store_path, metasync=False)
     try:
         mnt = check_mountpoint(mountpoint)
         with store.env.begin() as txn:

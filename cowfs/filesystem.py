@@ -346,7 +346,7 @@ class Filesystem:
         """Rule 2: everything acknowledged before is committed and durable.
 
         The daemon's environment does not flush the meta page at each commit
-        (`schema.Env.metasync`), so even with nothing buffered an earlier
+        (`schema.Env`, metasync=False), so even with nothing buffered an earlier
         namespace commit (create, rename...) may not be durable yet: always
         sync the environment after the group commit."""
         self.flush_all()

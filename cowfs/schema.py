@@ -322,18 +322,21 @@ def unpack_le_u64(raw: bytes) -> int:
 class Env:
     """An open LMDB environment with its named sub-databases as attributes."""
 
-    # Commands outside the daemon keep metasync: every commit is durable
-    # when it returns, which makes the LMDB commit the commit point (rule 2).
-    # The mount daemon sets this to False before opening its store
-    # (MDB_NOMETASYNC: each commit still fdatasyncs its data pages, only the
-    # meta page waits) and syncs the environment in every path that
-    # acknowledges durability (`Filesystem.sync_all`, `snapshot`).
-    metasync = True
+    def __init__(self, path: str, readonly: bool = False, create: bool = False,
+                 metasync: bool = True):
+        """`metasync` False is for the mount daemon only.
 
-    def __init__(self, path: str, readonly: bool = False, create: bool = False):
+        With it on, every commit is durable when it returns, which makes the
+        LMDB commit the commit point (rule 2): what every command outside the
+        daemon relies on. The daemon turns it off (MDB_NOMETASYNC: each commit
+        still fdatasyncs its data pages, only the meta page waits, so a power
+        loss can undo the last unsynced commits but never expose half of one)
+        and syncs the environment in every path that acknowledges durability
+        (`Filesystem.sync_all`, `Filesystem.snapshot`).
+        """
         self.lmdb = lmdb.open(path, map_size=LMDB_MAP_SIZE, max_dbs=LMDB_MAX_DBS,
                               max_readers=LMDB_MAX_READERS, subdir=True, create=create,
-                              readonly=readonly, lock=True, sync=True, metasync=self.metasync,
+                              readonly=readonly, lock=True, sync=True, metasync=metasync,
                               readahead=False, meminit=False)
         self.dbs = {name: self.lmdb.open_db(name.encode(), create=not readonly)
                     for name in DB_NAMES}

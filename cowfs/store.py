@@ -109,7 +109,8 @@ class Store:
         return cls(path, env)
 
     @classmethod
-    def open(cls, path: str) -> "Store":
+    def open(cls, path: str, metasync: bool = True) -> "Store":
+        """Open an existing store; `metasync` False only for the mount daemon (see `schema.Env`)."""
         path = os.path.abspath(path)
         meta_dir = os.path.join(path, "meta")
         if not os.path.isdir(path):
@@ -121,7 +122,7 @@ class Store:
         if problem is not None:
             raise StoreError(f"metadata of store {path} is damaged: {problem}; restore meta/ from a copy")
         try:
-            env = schema.Env(meta_dir)
+            env = schema.Env(meta_dir, metasync=metasync)
         except lmdb.Error as exc:
             raise StoreError(f"metadata of store {path} cannot be opened ({exc}); "
                              "restore meta/ from a copy") from exc
