@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from . import errors, schema
+from .cli_common import human, with_store
 from .errors import CowfsError, UsageError
 
 _SIZE_UNITS = {"": 1, "K": 1024, "KI": 1024, "KIB": 1024, "M": 1 << 20, "MI": 1 << 20, "MIB": 1 << 20}
@@ -159,26 +160,8 @@ def _add_snapshot_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def human(size_bytes: int) -> str:
-    value = float(size_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(size_bytes)
-
-
-def _with_store(args, func):
-    from .store import Store
-    store = Store.open(args.store)
-    try:
-        return func(store)
-    finally:
-        store.close()
-
-
 def _print_message(args, func) -> int:
-    print(_with_store(args, func))
+    print(with_store(args, func))
     return 0
 
 
@@ -210,7 +193,7 @@ def cmd_rename(args) -> int:
 def cmd_list(args) -> int:
     import json
     from . import admin
-    rows = _with_store(args, admin.listing)
+    rows = with_store(args, admin.listing)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -236,7 +219,7 @@ def _list_notes(row: dict) -> str:
 
 def cmd_gc(args) -> int:
     from . import gc
-    result = _with_store(args, lambda store: gc.collect(store, args.min_dead))
+    result = with_store(args, lambda store: gc.collect(store, args.min_dead))
     print(f"gc: packs {human(result['bytes_before'])} -> {human(result['bytes_after'])}; "
           f"{result['packs_removed']} packs removed, {result['packs_compacted']} compacted, "
           f"{result['chunks_moved']} chunks moved")
@@ -246,7 +229,7 @@ def cmd_gc(args) -> int:
 def cmd_df(args) -> int:
     import json
     from . import admin
-    report = _with_store(args, admin.df)
+    report = with_store(args, admin.df)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0

@@ -10,6 +10,7 @@ import sys
 import time
 
 from . import errors
+from .cli_common import human, with_store
 
 COMMANDS: dict = {}
 
@@ -117,26 +118,6 @@ def _add_scrub(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
 
 
-# --- helpers -------------------------------------------------------------------------------------
-
-def _with_store(args, func):
-    from .store import Store
-    store = Store.open(args.store)
-    try:
-        return func(store)
-    finally:
-        store.close()
-
-
-def _human(size_bytes: int) -> str:
-    value = float(size_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
 # --- commands ------------------------------------------------------------------------------------
 
 @_command("policy")
@@ -145,11 +126,11 @@ def cmd_policy(args) -> int:
     if args.volume is None:
         if args.every or args.off:
             raise errors.UsageError("name the volume: cowfs policy STORE VOL --every 1h --keep 24")
-        return _show_policies(args, _with_store(args, admin.policies))
+        return _show_policies(args, with_store(args, admin.policies))
     if args.off:
         if args.every:
             raise errors.UsageError("give either --every (set a schedule) or --off (remove it), not both")
-        print(_with_store(args, lambda store: admin.set_policy(store, args.volume, None)))
+        print(with_store(args, lambda store: admin.set_policy(store, args.volume, None)))
         return 0
     if not args.every:
         raise errors.UsageError(f"give --every DURATION (e.g. --every 1h --keep 24) or --off; "
@@ -157,7 +138,7 @@ def cmd_policy(args) -> int:
     new = policy.Policy(every_s=policy.parse_duration(args.every), keep_last=args.keep,
                         keep_hourly=args.keep_hourly, keep_daily=args.keep_daily,
                         keep_weekly=args.keep_weekly, keep_monthly=args.keep_monthly).check()
-    print(_with_store(args, lambda store: admin.set_policy(store, args.volume, new)))
+    print(with_store(args, lambda store: admin.set_policy(store, args.volume, new)))
     return 0
 
 
@@ -178,7 +159,7 @@ def _show_policies(args, rows: list[dict]) -> int:
 def cmd_hold(args) -> int:
     from . import admin
     if args.target is None:
-        rows = [r for r in _with_store(args, admin.listing) if r.get("held")]
+        rows = [r for r in with_store(args, admin.listing) if r.get("held")]
         if args.json:
             print(json.dumps([dict(name=r["name"], reason=r["hold_reason"], since=r["held_since"])
                               for r in rows], indent=1))
@@ -187,21 +168,21 @@ def cmd_hold(args) -> int:
         for row in rows:
             print(f"{row['name']:<48} {row['held_since']:<21} {row['hold_reason'] or '-'}")
         return 0
-    print(_with_store(args, lambda store: admin.hold(store, args.target, args.reason)))
+    print(with_store(args, lambda store: admin.hold(store, args.target, args.reason)))
     return 0
 
 
 @_command("release")
 def cmd_release(args) -> int:
     from . import admin
-    print(_with_store(args, lambda store: admin.release(store, args.target)))
+    print(with_store(args, lambda store: admin.release(store, args.target)))
     return 0
 
 
 @_command("prune")
 def cmd_prune(args) -> int:
     from . import admin
-    report = _with_store(args, lambda store: admin.prune(store, args.volume, args.dry_run))
+    report = with_store(args, lambda store: admin.prune(store, args.volume, args.dry_run))
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -212,9 +193,9 @@ def cmd_prune(args) -> int:
         print(f"skipped {row['name']}: {row['why']}")
     count, size = len(report["destroy"]), report["frees_bytes"]
     if args.dry_run:
-        print(f"prune {report['volume']}: would destroy {count} snapshots, freeing {size} bytes ({_human(size)})")
+        print(f"prune {report['volume']}: would destroy {count} snapshots, freeing {size} bytes ({human(size)})")
     else:
-        print(f"prune {report['volume']}: destroyed {count} snapshots, freed {size} bytes ({_human(size)}); "
+        print(f"prune {report['volume']}: destroyed {count} snapshots, freed {size} bytes ({human(size)}); "
               "'cowfs gc' shrinks the packs")
     return 0
 
@@ -222,7 +203,7 @@ def cmd_prune(args) -> int:
 @_command("diff")
 def cmd_diff(args) -> int:
     from . import admin
-    report = _with_store(args, lambda store: admin.diff(store, args.a, args.b))
+    report = with_store(args, lambda store: admin.diff(store, args.a, args.b))
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -247,7 +228,7 @@ def _diff_line(change: dict) -> str:
 def cmd_scrub(args) -> int:
     from . import scrub
     progress = _Progress()
-    report = _with_store(args, lambda store: scrub.scrub(store, progress.update))
+    report = with_store(args, lambda store: scrub.scrub(store, progress.update))
     progress.done()
     if args.json:
         print(json.dumps(report, indent=1))
@@ -282,7 +263,7 @@ class _Progress:
             return
         self.last_s = now
         fraction = done_bytes / total_bytes if total_bytes else 1.0
-        text = f"{done_chunks}/{total_chunks} chunks, {_human(done_bytes)} of {_human(total_bytes)}"
+        text = f"{done_chunks}/{total_chunks} chunks, {human(done_bytes)} of {human(total_bytes)}"
         if self.tty:
             filled = int(fraction * self.BAR_WIDTH)
             bar = "#" * filled + "-" * (self.BAR_WIDTH - filled)
