@@ -284,12 +284,11 @@ def _drop_lock_file(store: Store, vol_id: int, gen: int) -> None:
 
     Otherwise one file per automatic snapshot would stay in run/ forever.
     Generations are never reused, so no later snapshot needs this path; a
-    mount racing us fails to find the snapshot by name. Path as made by
-    `Store.lock_snapshot`.
+    mount racing us fails to find the snapshot by name.
     """
     import os
     try:
-        os.unlink(os.path.join(store.run_dir, f"snap-{vol_id}-{gen}.lock"))
+        os.unlink(store.snapshot_lock_path(vol_id, gen))
     except FileNotFoundError:
         pass
 

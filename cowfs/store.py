@@ -158,10 +158,12 @@ class Store:
         return _flock(self.lock_path(vol_id), fcntl.LOCK_EX, holder,
                       f"volume {name} is in use ({{held_by}}); unmount it first")
 
+    def snapshot_lock_path(self, vol_id: int, gen: int) -> str:
+        return os.path.join(self.run_dir, f"snap-{vol_id}-{gen}.lock")
+
     def lock_snapshot(self, vol_id: int, gen: int, what: str, exclusive: bool, holder: str) -> "VolumeLock":
         """Shared: a read-only mount of the snapshot; exclusive: freeing its data."""
-        path = os.path.join(self.run_dir, f"snap-{vol_id}-{gen}.lock")
-        return _flock(path, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, holder,
+        return _flock(self.snapshot_lock_path(vol_id, gen), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, holder,
                       f"snapshot {what} is in use ({{held_by}}); unmount it first")
 
 
