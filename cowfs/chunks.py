@@ -9,11 +9,18 @@ caller decides that with `is_zero`). Reference counts count chunk-map
 Writing is done in batches, one per commit:
 
     batch = chunk_store.batch()
-    chunk_id = batch.add(data)         # appends to the pack unless known
-    batch.sync()                       # rule 1: bytes durable before the commit
+    chunk_ids = batch.add_many(datas)  # queues for the pack what the store lacks
+    batch.sync()                       # rule 1: bytes written and durable before the commit
     with env.begin(write=True) as txn:
         ... batch.ref(chunk_id) / batch.unref(old_chunk_id) ...
         batch.apply(txn)               # refcounts, new entries, pack stats
+
+Threads: `sync` and `apply` may run on a worker thread while the event loop
+reads chunks (`read`, `read_many`). They touch only the batch, the pack
+writers and the commit's transaction, never what reads use (the LMDB read
+transactions of the reader, `PackStore._read_fds`). The adds, syncs and
+applies of all batches of one `ChunkStore` must not overlap in time (one
+thread at a time; the caller orders them): they share the pack writer.
 """
 
 import collections
@@ -25,10 +32,11 @@ from .errors import ChunkDamagedError
 from .packs import PackStore, PackWriter
 
 _ZEROS = bytes(schema.MAX_CHUNK_SIZE)
+_digest = xxhash.xxh3_128_digest          # accepts any buffer: bytes, bytearray, memoryview
 
 
 def chunk_id_of(data) -> bytes:
-    return xxhash.xxh3_128_digest(data)
+    return _digest(data)
 
 
 def is_zero(data) -> bool:
@@ -42,6 +50,7 @@ class ChunkStore:
         self.env = env
         self.packs = packs
         self._writer: PackWriter | None = None
+        self._retired: list[PackWriter] = []     # full, but a batch has not synced them yet
 
     # --- reading ---------------------------------------------------------------
 
@@ -110,12 +119,32 @@ class ChunkStore:
         return ChunkBatch(self)
 
     def _active_writer(self) -> PackWriter:
-        if self._writer is not None and (self._writer.broken or self._writer.full):
-            self._writer.close()
+        writer = self._writer
+        if writer is not None and (writer.broken or writer.full):
             self._writer = None
+            if writer.dirty and not writer.broken:
+                # The batch in progress still has to sync what it appended
+                # here (rule 1): keep the file open until it has. Closing it
+                # now would let that sync hit a closed descriptor -- or the
+                # next pack, which reuses the number -- and leave these bytes
+                # unsynced under a commit.
+                self._retired.append(writer)
+            else:
+                writer.close()
         if self._writer is None:
             self._writer = self.packs.create(self._allocate_pack_id())
         return self._writer
+
+    def _close_retired(self) -> None:
+        """Close the full packs whose appends are all durable now."""
+        if self._retired:
+            still_dirty = []
+            for writer in self._retired:
+                if writer.dirty and not writer.broken:
+                    still_dirty.append(writer)
+                else:
+                    writer.close()
+            self._retired = still_dirty
 
     def _allocate_pack_id(self) -> int:
         with self.env.begin(write=True) as txn:
@@ -126,9 +155,14 @@ class ChunkStore:
         return pack_id
 
     def close_writer(self) -> None:
+        """Close every pack writer (appends not synced by then are dropped:
+        nothing committed refers to them)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        for writer in self._retired:
+            writer.close()
+        self._retired = []
 
     def close(self) -> None:
         self.close_writer()
@@ -136,39 +170,117 @@ class ChunkStore:
 
 
 class ChunkBatch:
-    """The chunk side of one commit: new bytes, then reference changes."""
+    """The chunk side of one commit: new bytes, then reference changes.
+
+    New chunks are queued in the pack writer and written with few large
+    pwritev calls (see `PackWriter.append_deferred`); `sync` writes what is
+    still queued and makes it durable (rule 1). A batch whose add, sync or
+    apply raised cannot be committed any more (queued appends were dropped):
+    abandon it and start a new one, as the callers do.
+    """
 
     def __init__(self, store: ChunkStore):
         self._store = store
         self._env = store.env
         self._data: dict[bytes, bytes] = {}                      # chunk_id -> bytes added
         self._located: dict[bytes, tuple[int, int, int]] = {}    # chunk_id -> pack, offset, length
-        self._writers: set[PackWriter] = set()
+        self._writers: set[PackWriter] = set()                   # appended to, not yet synced
         self._delta: collections.Counter = collections.Counter()
+        self._failed: BaseException | None = None
 
-    def add(self, data: bytes) -> bytes:
-        """Make `data` storable in this batch; returns its chunk id."""
-        chunk_id = chunk_id_of(data)
+    def add(self, data) -> bytes:
+        """Make `data` storable in this batch; returns its chunk id.
+
+        `add_many` of one item (same rules for `data`), without its list
+        handling: callers that stage chunk by chunk use this.
+        """
+        self._check_usable()
+        chunk_id = _digest(data)
         if chunk_id in self._data:
             return chunk_id
-        self._data[chunk_id] = data
-        with self._store.env.begin() as txn:
+        self._data[chunk_id] = data if type(data) is bytes else bytes(data)
+        with self._env.begin() as txn:
             known = txn.get(chunk_id, db=self._env.chunks) is not None
         if not known:
-            self._append(chunk_id, data)
+            self._append_all((chunk_id,))
         return chunk_id
 
-    def _append(self, chunk_id: bytes, data: bytes) -> None:
-        writer = self._store._active_writer()
-        offset = writer.append(chunk_id, data)
-        self._located[chunk_id] = (writer.pack_id, offset, len(data))
+    def add_many(self, datas) -> list[bytes]:
+        """Make each of `datas` storable in this batch; returns their chunk
+        ids in order (duplicates included, each stored once).
+
+        One LMDB read transaction serves every dedup lookup of the call;
+        chunks the store does not hold yet are queued for the pack. Items
+        may be bytes, bytearray or memoryview; bytes are kept as they are
+        (no copy), other buffers are copied once, so the caller may reuse
+        or change its buffers as soon as this returns. ENOSPC (the space
+        reserve, see `PackWriter._take_space`) is raised here, before
+        anything is committed; a pack write error may be raised here or by
+        `sync`. After either the batch is spent (see the class docstring).
+        """
+        self._check_usable()
+        digest = _digest
+        in_batch = self._data
+        chunk_ids = []
+        fresh: dict[bytes, bytes] = {}               # new to this batch, in order
+        for data in datas:
+            chunk_id = digest(data)
+            chunk_ids.append(chunk_id)
+            if chunk_id not in in_batch and chunk_id not in fresh:
+                fresh[chunk_id] = data if type(data) is bytes else bytes(data)
+        if fresh:
+            in_batch.update(fresh)
+            chunks_db = self._env.chunks
+            with self._env.begin() as txn:
+                get = txn.get
+                unknown = [chunk_id for chunk_id in fresh if get(chunk_id, db=chunks_db) is None]
+            if unknown:
+                self._append_all(unknown)
+        return chunk_ids
+
+    def _append_all(self, chunk_ids: list[bytes]) -> None:
+        store, data, located, writers = self._store, self._data, self._located, self._writers
+        try:
+            writer = store._active_writer()
+            writers.add(writer)
+            for chunk_id in chunk_ids:
+                if writer.full:
+                    writer = store._active_writer()     # retires the full one until we sync it
+                    writers.add(writer)
+                chunk = data[chunk_id]
+                located[chunk_id] = (writer.pack_id, writer.append_deferred(chunk_id, chunk),
+                                     len(chunk))
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def _reappend(self, chunk_id: bytes) -> tuple[int, int, int]:
+        """Append a chunk that was in the store at `add` but is gone now."""
+        # Inside the commit's write transaction: prefer the current writer,
+        # even past its target size, because starting a new pack opens a
+        # write transaction of its own (`_allocate_pack_id`), which LMDB
+        # refuses while ours is open on the same thread (the commit would
+        # fail). Only a process without a usable writer still gets there.
+        writer = self._store._writer
+        if writer is None or writer.broken:
+            writer = self._store._active_writer()
         self._writers.add(writer)
+        chunk = self._data[chunk_id]
+        location = (writer.pack_id, writer.append_deferred(chunk_id, chunk), len(chunk))
+        self._located[chunk_id] = location
+        return location
 
     def sync(self) -> None:
         """Rule 1: every byte this batch appended is durable before the commit."""
-        for writer in self._writers:
-            writer.sync()
+        self._check_usable()
+        try:
+            for writer in self._writers:
+                writer.sync()
+        except BaseException as exc:
+            self._fail(exc)
+            raise
         self._writers.clear()
+        self._store._close_retired()
 
     def ref(self, chunk_id: bytes) -> None:
         self._delta[chunk_id] += 1
@@ -177,36 +289,58 @@ class ChunkBatch:
         self._delta[chunk_id] -= 1
 
     def apply(self, txn) -> None:
-        """Apply reference changes inside the commit's write transaction."""
-        for chunk_id, delta in self._delta.items():
-            if delta:
-                self._apply_one(txn, chunk_id, delta)
-        # A chunk that another process freed between `add` and this commit
-        # was appended here just now; make it durable before we commit (rule 1).
+        """Apply reference changes inside the commit's write transaction:
+        one get+put per chunk, one get+put per pack for its statistics."""
+        self._check_usable()
+        chunks_db = self._env.chunks
+        get, put, delete = txn.get, txn.put, txn.delete
+        unpack_chunk, pack_chunk = schema.unpack_chunk, schema.pack_chunk
+        located = self._located
+        packs_delta: dict[int, list[int]] = {}       # pack_id -> [live bytes, live chunks] change
+        try:
+            for chunk_id, delta in self._delta.items():
+                if not delta:
+                    continue
+                raw = get(chunk_id, db=chunks_db)
+                if raw is None:
+                    if delta < 0:
+                        raise AssertionError(f"dropping a reference to unknown chunk {chunk_id.hex()}")
+                    # Not in `located`: another process freed the chunk between
+                    # `add` and this commit; append it again (synced below, rule 1).
+                    pack_id, offset, length = located.get(chunk_id) or self._reappend(chunk_id)
+                    refcount = 0
+                    _count(packs_delta, pack_id, length, 1)
+                else:
+                    pack_id, offset, length, refcount = unpack_chunk(raw)
+                refcount += delta
+                if refcount < 0:
+                    raise AssertionError(f"reference count of chunk {chunk_id.hex()} would go negative")
+                if refcount == 0:
+                    # Rule 4: the count reaches zero in this committed transaction;
+                    # only afterwards may gc reclaim the bytes.
+                    delete(chunk_id, db=chunks_db)
+                    _count(packs_delta, pack_id, length, -1)
+                else:
+                    put(chunk_id, pack_chunk(pack_id, offset, length, refcount), db=chunks_db)
+            _apply_pack_stats(txn, self._env, packs_delta)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        # A chunk appended just now (above) must be durable before the
+        # caller commits (rule 1).
         self.sync()
 
-    def _apply_one(self, txn, chunk_id: bytes, delta: int) -> None:
-        raw = txn.get(chunk_id, db=self._env.chunks)
-        if raw is None:
-            if delta < 0:
-                raise AssertionError(f"dropping a reference to unknown chunk {chunk_id.hex()}")
-            if chunk_id not in self._located:
-                self._append(chunk_id, self._data[chunk_id])
-            pack_id, offset, length = self._located[chunk_id]
-            refcount = 0
-            _bump_pack(txn, self._env, pack_id, length, 1)
-        else:
-            pack_id, offset, length, refcount = schema.unpack_chunk(raw)
-        refcount += delta
-        if refcount < 0:
-            raise AssertionError(f"reference count of chunk {chunk_id.hex()} would go negative")
-        if refcount == 0:
-            # Rule 4: the count reaches zero in this committed transaction;
-            # only afterwards may gc reclaim the bytes.
-            txn.delete(chunk_id, db=self._env.chunks)
-            _bump_pack(txn, self._env, pack_id, length, -1)
-        else:
-            txn.put(chunk_id, schema.pack_chunk(pack_id, offset, length, refcount), db=self._env.chunks)
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"this chunk batch failed earlier ({self._failed!r}) and may have "
+                               "lost appended chunks; start a new batch")
+
+    def _fail(self, exc: BaseException) -> None:
+        """Poison the batch; queued, unwritten appends are dropped (nothing
+        refers to them) so they neither cost space nor reach the pack."""
+        self._failed = exc
+        for writer in self._writers:
+            writer.discard_queued()
 
 
 def _verify(chunk_id: bytes, data: bytes, pack_id: int, offset: int) -> None:
@@ -237,8 +371,23 @@ def _contiguous_runs(chunk_ids, locations):
     return runs
 
 
-def _bump_pack(txn, env, pack_id: int, length: int, sign: int) -> None:
-    key = schema.pack_key(pack_id)
-    raw = txn.get(key, db=env.packs)
-    live_bytes, live_chunks = schema.unpack_pack_stats(raw) if raw else (0, 0)
-    txn.put(key, schema.pack_pack_stats(live_bytes + sign * length, live_chunks + sign), db=env.packs)
+def _count(packs_delta: dict, pack_id: int, length: int, sign: int) -> None:
+    change = packs_delta.get(pack_id)
+    if change is None:
+        packs_delta[pack_id] = [sign * length, sign]
+    else:
+        change[0] += sign * length
+        change[1] += sign
+
+
+def _apply_pack_stats(txn, env, packs_delta: dict) -> None:
+    """One get+put per pack for the commit's net change of its live bytes/chunks."""
+    packs_db = env.packs
+    for pack_id, (bytes_delta, chunks_delta) in packs_delta.items():
+        if not bytes_delta and not chunks_delta:
+            continue
+        key = schema.pack_key(pack_id)
+        raw = txn.get(key, db=packs_db)
+        live_bytes, live_chunks = schema.unpack_pack_stats(raw) if raw else (0, 0)
+        txn.put(key, schema.pack_pack_stats(live_bytes + bytes_delta, live_chunks + chunks_delta),
+                db=packs_db)

@@ -10,8 +10,9 @@ What holds after a crash (kill -9 or power loss):
   its directory entry were fsynced), so a committed record can never name a
   pack that vanished.
 * Bytes appended are durable once `PackWriter.sync` returned (rule 1).
-  Bytes appended but not synced may be missing or torn after a crash; no
-  committed record refers to them, because callers sync before they commit.
+  Bytes appended but not synced may be missing or torn after a crash (or,
+  if still queued in the writer, never written at all); no committed record
+  refers to them, because callers sync before they commit.
 """
 
 import contextlib
@@ -29,6 +30,15 @@ PACK_TARGET_BYTES = 64 << 20     # start a new pack beyond this size
 RESERVE_FRACTION = 0.01
 RESERVE_MIN_BYTES = 4 << 20
 RESERVE_MAX_BYTES = 1 << 30
+# One coalesced pwritev writes at most this many entries (two iovecs each:
+# IOV_MAX is 1024) or about this many bytes, so a commit of a large write
+# costs one system call per ~4 MiB instead of one per chunk.
+MAX_FLUSH_ENTRIES = 512
+MAX_FLUSH_BYTES = 4 << 20
+
+_ENTRY_HEADER_SIZE = schema.ENTRY_HEADER.size
+_pack_entry_header = schema.ENTRY_HEADER.pack
+_ENTRY_MAGIC = schema.ENTRY_MAGIC
 
 
 class PackSyncError(OSError):
@@ -93,6 +103,10 @@ class PackStore:
         return self.writer_class(pack_id, fd, schema.PACK_HEADER.size, self.space_for_chunks)
 
     def read(self, pack_id: int, offset: int, length: int) -> bytes:
+        # `_read_fds` belongs to the reading thread (the event loop): pack
+        # writers, whose sync may run on a worker thread, never touch it.
+        # Were that to change, a single dict get or set is still atomic in
+        # CPython; `drop_unlinked` iterating it would not be.
         fd = self._read_fds.get(pack_id)
         if fd is None:
             fd = os.open(self.path(pack_id), os.O_RDONLY)
@@ -131,32 +145,90 @@ class PackStore:
 
 
 class PackWriter:
-    """The one pack a process appends to. Not shared between processes."""
+    """The one pack a process appends to. Not shared between processes, and
+    never used by two threads at once (the caller guarantees it).
+
+    Appends are coalesced: `append_deferred` reserves an entry (space and
+    offset) and queues its buffers; `flush` writes the queue with one
+    pwritev (at most MAX_FLUSH_ENTRIES entries or about MAX_FLUSH_BYTES);
+    `sync` flushes, then fdatasyncs. `size_bytes` is the logical end of the
+    pack, queued entries included, so offsets and `full` do not depend on
+    when the queue is written.
+    """
 
     def __init__(self, pack_id: int, fd: int, size_bytes: int, space_for_chunks=None):
         self.pack_id = pack_id
         self._fd = fd
-        self.size_bytes = size_bytes
+        self.size_bytes = size_bytes           # logical end: written + queued
+        self._written_bytes = size_bytes       # end of what reached the file
+        self._synced_bytes = size_bytes        # end of what fdatasync made durable
+        self._queue: list = []                 # header, data, header, data... not yet written
         self.broken = False
         self._space_for_chunks = space_for_chunks
         self._budget_bytes = 0         # may append this much before asking statvfs again
 
     def append(self, chunk_id: bytes, data: bytes) -> int:
-        """Append one entry; return the offset of its data bytes."""
+        """Append one entry and write it now; return the offset of its data bytes."""
+        offset = self.append_deferred(chunk_id, data)
+        self.flush()
+        return offset
+
+    def append_deferred(self, chunk_id: bytes, data: bytes) -> int:
+        """Queue one entry; return the offset its data bytes will have.
+
+        ENOSPC (reserve reached) is raised here, before anything is queued.
+        `data` must not change until the entry is written (`flush`/`sync`):
+        the queue holds it, not a copy. A write error of the queue surfaces
+        from whichever call writes it (this one, `flush` or `sync`).
+        """
         if self.broken:
             raise OSError(errno.EIO, f"pack {self.pack_id:08x} had a write error; use a new pack")
-        header = schema.ENTRY_HEADER.pack(schema.ENTRY_MAGIC, len(data), chunk_id)
-        self._take_space(len(header) + len(data))
-        start = self.size_bytes
+        length = len(data)
+        self._take_space(_ENTRY_HEADER_SIZE + length)
+        queue = self._queue
+        queue.append(_pack_entry_header(_ENTRY_MAGIC, length, chunk_id))
+        queue.append(data)
+        offset = self.size_bytes + _ENTRY_HEADER_SIZE
+        self.size_bytes = offset + length
+        if (len(queue) >= 2 * MAX_FLUSH_ENTRIES
+                or self.size_bytes - self._written_bytes >= MAX_FLUSH_BYTES):
+            self.flush()
+        return offset
+
+    def flush(self) -> None:
+        """Write the queued entries with one pwritev.
+
+        On failure the pack is cut back to its last written entry (so the
+        next append starts clean), the queue is dropped (nothing in it was
+        acknowledged; the caller still holds the bytes) and the error raised.
+        """
+        if not self._queue:
+            return
+        start = self._written_bytes
+        expected = self.size_bytes - start
         try:
-            written = self._pwritev([header, data], start)
-            if written != len(header) + len(data):
+            written = self._pwritev(self._queue, start)
+            if written != expected:
                 raise OSError(errno.ENOSPC, "short write to pack file")
         except OSError:
+            self.size_bytes = start
+            self._queue = []
             self._undo_to(start)
             raise
-        self.size_bytes = start + written
-        return start + len(header)
+        self._queue = []
+        self._written_bytes = self.size_bytes
+
+    def discard_queued(self) -> None:
+        """Forget queued, unwritten entries (their batch was abandoned); the
+        space they had taken from the budget is given back."""
+        self._budget_bytes += self.size_bytes - self._written_bytes
+        self.size_bytes = self._written_bytes
+        self._queue = []
+
+    @property
+    def dirty(self) -> bool:
+        """True while some appended bytes are not yet durable."""
+        return self.size_bytes != self._synced_bytes
 
     def _take_space(self, length: int) -> None:
         """ENOSPC before the reserve is touched (see RESERVE_FRACTION)."""
@@ -179,7 +251,13 @@ class PackWriter:
             self.broken = True
 
     def sync(self) -> None:
-        """Make every appended byte durable (rule 1: before any commit naming it)."""
+        """Make every appended byte durable (rule 1: before any commit naming it).
+
+        Writes the queue first; a failure there is a plain write error
+        (nothing acknowledged, the pack cut back, see `flush`), not a
+        `PackSyncError`.
+        """
+        self.flush()
         try:
             self._fdatasync()
         except OSError as exc:
@@ -189,6 +267,7 @@ class PackWriter:
             self.broken = True
             raise PackSyncError(exc.errno, f"syncing pack {self.pack_id:08x} failed: "
                                            f"{exc.strerror or exc}") from exc
+        self._synced_bytes = self._written_bytes
 
     # The two operating-system calls, separate so that the test-only fakes
     # in `faults` can fail them without replacing any logic above.
@@ -203,6 +282,9 @@ class PackWriter:
         return self.size_bytes >= PACK_TARGET_BYTES
 
     def close(self) -> None:
+        """Close the pack; queued entries are dropped (never synced, so no
+        committed record names them)."""
+        self._queue = []
         os.close(self._fd)
 
 
