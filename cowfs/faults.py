@@ -8,10 +8,15 @@ real `PackStore` and `point` is a dictionary lookup that finds nothing.
 ``COWFS_FAULTS`` is a comma-separated list of items:
 
 ``pack_write=ERRNO@N``
-    The N-th pack append fails with ERRNO (e.g. ``EIO``, ``ENOSPC``) as if
-    the disk had refused it; the real `PackWriter` error handling runs.
+    The N-th pack write fails with ERRNO (e.g. ``EIO``, ``ENOSPC``) as if
+    the disk had refused it; the real `PackWriter` error handling runs. A
+    write is one ``pwritev`` of up to 512 queued chunk entries (a batch's
+    appends are coalesced), not one per chunk.
 ``pack_sync=ERRNO@N``
     The N-th pack fdatasync fails with ERRNO (the fsyncgate case).
+``pack_sync_delay=MS``
+    Every pack fdatasync takes MS milliseconds longer (a slow disk), so a
+    test can act while a flush is in flight.
 ``crash=POINT@N``
     The N-th time the process reaches POINT it ends at once with
     ``os._exit(CRASH_EXIT_STATUS)``, like a power cut of that process (no
@@ -26,6 +31,7 @@ The fakes wrap the *operating-system call* (`PackWriter._pwritev` and
 
 import errno
 import os
+import time
 from typing import Optional
 
 from .packs import PackStore, PackWriter
@@ -34,7 +40,7 @@ ENV_VAR = "COWFS_FAULTS"
 CRASH_EXIT_STATUS = 86
 
 POINTS = {
-    "pack.written": "a chunk was appended to the pack, not yet synced",
+    "pack.written": "chunk entries were written to the pack, not yet synced",
     "pack.synced": "the pack was synced, nothing committed yet",
     "commit.before": "the LMDB write transaction is complete but not committed",
     "commit.after": "the LMDB transaction committed, fsync not yet answered",
@@ -51,6 +57,7 @@ class Plan:
         self.io: dict[str, tuple[int, int]] = {}       # "pack_write"/"pack_sync" -> (errno, nth)
         self.crashes: dict[str, int] = {}               # point -> nth
         self.armed_by: Optional[str] = None
+        self.sync_delay_s = 0.0
         self.calls: dict[str, int] = {}
         for item in filter(None, (part.strip() for part in spec.split(","))):
             self._parse(item)
@@ -59,6 +66,9 @@ class Plan:
         key, _, value = item.partition("=")
         if key == "armed_by":
             self.armed_by = value
+            return
+        if key == "pack_sync_delay":
+            self.sync_delay_s = int(value) / 1000
             return
         what, _, nth = value.partition("@")
         nth_call = int(nth or "1")
@@ -118,6 +128,8 @@ class FaultyPackWriter(PackWriter):
 
     def _fdatasync(self) -> None:
         _plan.io_call("pack_sync")
+        if _plan.sync_delay_s and (_plan.armed_by is None or os.path.exists(_plan.armed_by)):
+            time.sleep(_plan.sync_delay_s)
         super()._fdatasync()
         point("pack.synced")
 

@@ -35,6 +35,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 import time
 from typing import Iterable, Optional
 
@@ -76,8 +77,98 @@ def is_full_disk(exc: BaseException, meta_dir: str) -> bool:
     return False
 
 
+def stage_buffers(buffers: dict, size: int, chunk_size: int, batch: ChunkBatch) -> dict:
+    """Add the chunk buffers of one file (of `size` bytes) to `batch`:
+    {chunk_index: chunk_id, or None for an all-zero chunk (a hole)}."""
+    chunk_ids = {}
+    indices, datas = [], []
+    for idx, buf in buffers.items():
+        length = max(min(chunk_size, size - idx * chunk_size), 0)
+        data = memoryview(buf)[:length]      # add_many copies what it keeps
+        if is_zero(data):
+            chunk_ids[idx] = None
+        else:
+            indices.append(idx)
+            datas.append(data)
+    chunk_ids.update(zip(indices, batch.add_many(datas)))
+    return chunk_ids
+
+
+def write_chunk_map(txn, env, chain, batch: ChunkBatch, ino: int, chunk_ids: dict) -> None:
+    """Point the chunk map of `ino` at `chunk_ids`, with reference counts."""
+    for idx, chunk_id in chunk_ids.items():
+        key = schema.chunk_key(ino, idx)
+        if chunk_id is None:   # a hole: all-zero chunks are not stored
+            old = catalog.delete(txn, env, chain, schema.KIND_CHUNK, key)
+        else:
+            old = catalog.put(txn, env, chain, schema.KIND_CHUNK, key, chunk_id)
+            batch.ref(chunk_id)
+        if old is not None:
+            batch.unref(old)
+
+
+class FlushJob:
+    """One group commit, frozen on the event loop and run in a worker thread.
+
+    `Filesystem.begin_flush` moves every dirty inode's chunk buffers out of
+    `Inode.dirty` into `Inode.flushing` and copies its attributes and the
+    version chain into the job. `run` then uses only those frozen copies,
+    the chunk store and LMDB, so the event loop keeps serving reads and
+    buffered writes (into fresh `dirty` buffers) while the device flushes.
+    The loop never commits or appends to the pack while a job is in flight:
+    every other commit path first waits for it (`Filesystem._settle_inflight`).
+    """
+
+    def __init__(self, fs: "Filesystem", entries: list, chain: list, sync_env: bool):
+        self.env = fs.env
+        self.chunks = fs.store.chunks
+        self.chunk_size = fs.chunk_size
+        self.entries = entries   # [(inode, frozen buffers, attrs copy)]
+        self.chain = chain
+        self.sync_env = sync_env
+        self.done = threading.Event()
+        self.error: Optional[BaseException] = None      # what `run` raised
+        self.outcome: Optional[FsError] = None          # what the fsync callers get
+        self.finished = False                           # `Filesystem.finish_flush` ran
+
+    def run(self) -> None:
+        """Worker thread: pack sync, commit, environment sync (rules 1, 2)."""
+        try:
+            if self.entries:
+                self._commit()
+            if self.sync_env:
+                # The daemon's environment skips the meta-page flush at
+                # commit (schema.Env metasync=False): sync before answering.
+                self.env.lmdb.sync(True)
+        except BaseException as exc:      # handed to the loop by finish_flush
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def _commit(self) -> None:
+        batch = self.chunks.batch()
+        staged = [(inode.ino, attrs, inode.target,
+                   stage_buffers(frozen, attrs["size"], self.chunk_size, batch))
+                  for inode, frozen, attrs in self.entries]
+        batch.sync()                                    # rule 1
+        txn = self.env.begin(write=True)
+        try:
+            for ino, attrs, target, chunk_ids in staged:
+                write_chunk_map(txn, self.env, self.chain, batch, ino, chunk_ids)
+                catalog.put(txn, self.env, self.chain, schema.KIND_INODE, schema.inode_key(ino),
+                            schema.pack_inode(attrs, target))
+            batch.apply(txn)
+        except BaseException:
+            txn.abort()
+            raise
+        faults.point("commit.before")
+        txn.commit()                                    # the commit point (rule 2)
+        faults.point("commit.after")
+
+
 class Inode:
-    __slots__ = ("ino", "attrs", "target", "lookups", "opens", "dirty", "attrs_dirty", "purged")
+    __slots__ = ("ino", "attrs", "target", "lookups", "opens", "dirty", "flushing",
+                 "attrs_dirty", "purged")
 
     def __init__(self, ino: int, attrs: dict, target: bytes = b""):
         self.ino = ino
@@ -86,6 +177,9 @@ class Inode:
         self.lookups = 0                   # kernel references (lookup/forget)
         self.opens = 0                     # open file handles
         self.dirty: dict[int, bytearray] = {}   # chunk_index -> full-size chunk buffer
+        # Buffers frozen into the FlushJob in flight (read-only until it ends);
+        # newer writes go to `dirty`, which reads consult first.
+        self.flushing: dict[int, bytearray] = {}
         self.attrs_dirty = False
         self.purged = False                # records deleted; only kernel references remain
 
@@ -157,6 +251,11 @@ class Filesystem:
         self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
         self._next_dir_fh = 1
         self.stopped: Optional[str] = None     # why the volume stopped (rule 3), or None
+        self._inflight: Optional[FlushJob] = None
+        # Commits since the environment was last synced (the daemon's
+        # commits leave the meta page unflushed: schema.Env metasync=False).
+        self.unsynced_commits = 0
+        self.flush_jobs = 0                     # FlushJobs run (for `stats`)
 
     # --- loading -----------------------------------------------------------------
 
@@ -182,7 +281,7 @@ class Filesystem:
 
     def _maybe_evict(self, inode: Inode) -> None:
         if (inode.lookups <= 0 and inode.opens <= 0 and inode.ino not in self.dirty_inos
-                and inode.ino != schema.ROOT_INO):
+                and not inode.flushing and inode.ino != schema.ROOT_INO):
             self.inodes.pop(inode.ino, None)
 
     def _check_writable(self) -> None:
@@ -210,27 +309,11 @@ class Filesystem:
 
     def _stage(self, inodes: Iterable[Inode], batch: ChunkBatch) -> list[tuple[Inode, dict]]:
         """Append buffered chunks of `inodes` to the pack: {chunk_index: chunk_id | None}."""
-        staged = []
-        for inode in inodes:
-            size = inode.attrs["size"]
-            chunk_ids = {}
-            for idx, buf in inode.dirty.items():
-                length = min(self.chunk_size, size - idx * self.chunk_size)
-                data = bytes(buf[:max(length, 0)])
-                chunk_ids[idx] = None if is_zero(data) else batch.add(data)
-            staged.append((inode, chunk_ids))
-        return staged
+        return [(inode, stage_buffers(inode.dirty, inode.attrs["size"], self.chunk_size, batch))
+                for inode in inodes]
 
     def _write_chunk_map(self, txn, batch: ChunkBatch, ino: int, chunk_ids: dict) -> None:
-        for idx, chunk_id in chunk_ids.items():
-            key = schema.chunk_key(ino, idx)
-            if chunk_id is None:   # a hole: all-zero chunks are not stored
-                old = catalog.delete(txn, self.env, self.chain, schema.KIND_CHUNK, key)
-            else:
-                old = catalog.put(txn, self.env, self.chain, schema.KIND_CHUNK, key, chunk_id)
-                batch.ref(chunk_id)
-            if old is not None:
-                batch.unref(old)
+        write_chunk_map(txn, self.env, self.chain, batch, ino, chunk_ids)
 
     @contextlib.contextmanager
     def _change(self, flush: Iterable[Inode] = (), extra_chunks: Iterable = ()):
@@ -240,6 +323,7 @@ class Filesystem:
         Errors of the body (EEXIST...) abort it and change nothing; errors of
         the flush itself go through `_flush_guard` (rule 3).
         """
+        self._settle_inflight()
         self._check_writable()
         flush = list({inode.ino: inode for inode in flush}.values())
         batch = self.store.chunks.batch()
@@ -263,6 +347,7 @@ class Filesystem:
             faults.point("commit.before")
             txn.commit()                                # the commit point (rule 2)
         faults.point("commit.after")
+        self.unsynced_commits += 1
         self._after_commit(change, staged)
 
     @contextlib.contextmanager
@@ -271,18 +356,104 @@ class Filesystem:
         try:
             yield
         except (OSError, lmdb.Error) as exc:
-            if is_full_disk(exc, os.path.join(self.store.path, "meta")):
-                log.warning("volume %d: flush failed, disk full (%s); data stays buffered",
-                            self.vol_id, exc)
-                raise FsError(errno.ENOSPC, f"store {self.store.path} is full: {exc}") from exc
+            raise self._flush_failed(exc) from exc
+
+    def _flush_failed(self, exc: BaseException) -> FsError:
+        """The error for the callers of a failed flush; stops the volume unless
+        the disk was only full (rule 3)."""
+        if is_full_disk(exc, os.path.join(self.store.path, "meta")):
+            log.warning("volume %d: flush failed, disk full (%s); data stays buffered",
+                        self.vol_id, exc)
+            return FsError(errno.ENOSPC, f"store {self.store.path} is full: {exc}")
+        if self.stopped is None:
             self.stopped = f"flushing volume {self.vol_id} of {self.store.path} failed: {exc}"
             log.error("%s; the volume stops accepting writes until remounted (rule 3)", self.stopped)
-            raise VolumeStoppedError(self.stopped) from exc
+        return VolumeStoppedError(self.stopped)
+
+    # --- group commit off the event loop (see FlushJob) ----------------------------------
+
+    def begin_flush(self) -> FlushJob:
+        """Freeze every buffered write and unsynced commit into a job that a
+        worker thread runs (`FlushJob.run`); `finish_flush` ends it."""
+        self._settle_inflight()
+        if self.stopped is not None:
+            raise VolumeStoppedError(self.stopped)     # rule 3: never a late success
+        entries = []
+        for ino in self.dirty_inos:
+            inode = self.inodes[ino]
+            if inode.purged:
+                # Its records are gone (a late setattr after the last close):
+                # writing them again would leak an unreachable inode.
+                self.dirty_bytes -= len(inode.dirty) * self.chunk_size
+                inode.dirty = {}
+                continue
+            entries.append((inode, inode.dirty, dict(inode.attrs)))
+            inode.flushing, inode.dirty = inode.dirty, {}
+            inode.attrs_dirty = False
+        self.dirty_inos.clear()
+        job = FlushJob(self, entries, list(self.chain),
+                       sync_env=bool(entries) or self.unsynced_commits > 0)
+        self.unsynced_commits = 0
+        self._inflight = job
+        self.flush_jobs += 1
+        return job
+
+    def finish_flush(self, job: FlushJob) -> None:
+        """On the event loop, after `job.run`: the buffers it committed are
+        clean; if it failed they are buffered again and the error (ENOSPC, or
+        EIO once the volume stopped: rule 3) is raised. Idempotent."""
+        if not job.finished:
+            job.finished = True
+            if self._inflight is job:
+                self._inflight = None
+            if job.error is None:
+                for inode, frozen, _ in job.entries:
+                    self._release_frozen(inode, frozen)
+            else:
+                job.outcome = self._flush_failed(job.error)
+                self._rebuffer(job)
+        if job.outcome is not None:
+            raise job.outcome
+
+    def _release_frozen(self, inode: Inode, frozen: dict) -> None:
+        self.dirty_bytes -= len(frozen) * self.chunk_size
+        if inode.flushing is frozen:
+            inode.flushing = {}
+        self._maybe_evict(inode)
+
+    def _rebuffer(self, job: FlushJob) -> None:
+        """A failed job's writes are buffered again: a later fsync after a full
+        disk writes them (rule 3), and reads of a stopped volume still see them."""
+        for inode, frozen, _ in job.entries:
+            newer = inode.dirty
+            inode.dirty = frozen
+            inode.flushing = {}
+            for idx, buf in newer.items():     # written during the flush: newer bytes
+                if idx in frozen:
+                    self.dirty_bytes -= self.chunk_size
+                frozen[idx] = buf
+            if not inode.purged:
+                self._mark_dirty(inode)
+        self.unsynced_commits += 1
+
+    def _settle_inflight(self) -> None:
+        """Wait for the job in flight, if any, and apply its outcome.
+
+        Every commit path on the event loop calls this first, so a job never
+        runs beside another commit or pack append of this volume. The job's
+        error belongs to the fsync callers waiting for it; this caller goes on
+        (a stopped volume refuses it in `_check_writable`)."""
+        job = self._inflight
+        if job is None:
+            return
+        job.done.wait()
+        with contextlib.suppress(FsError):
+            self.finish_flush(job)
 
     def _finish_change(self, txn, batch, change: _Change, staged, extra) -> None:
         purged = {inode.ino for inode in change.purged}
         for inode, chunk_ids in staged:
-            if inode.ino not in purged:
+            if inode.ino not in purged and not inode.purged:
                 self._write_chunk_map(txn, batch, inode.ino, chunk_ids)
         for ino, (inode, chunk_ids) in extra.items():
             if ino not in purged:
@@ -314,6 +485,7 @@ class Filesystem:
 
     def flush_all(self) -> None:
         """Commit every buffered write of the volume (group commit, rule 2)."""
+        self._settle_inflight()
         if self.stopped is not None:
             raise VolumeStoppedError(self.stopped)     # rule 3: never a late success
         if not self.dirty_inos:
@@ -326,6 +498,7 @@ class Filesystem:
 
         The caller first makes the kernel hand over its cached writes (syncfs).
         """
+        self._settle_inflight()     # a failed job's writes are buffered again: take them too
         dirty = [self.inodes[ino] for ino in self.dirty_inos]
         with self._change(flush=dirty) as ch:
             gen = snapshots.take(ch.txn, self.env, self.vol_id, name)
@@ -334,13 +507,6 @@ class Filesystem:
         # snapshot; from now on writes create new versions at gen + 1.
         self.chain[0] = (self.vol_id, gen + 1)
         return gen
-
-    def fsync(self, ino: int) -> None:
-        # Rule 2 and 3: returns only after the commit; a failure raises to
-        # the caller, and once the volume stopped every later fsync fails.
-        if self.stopped is not None:
-            raise VolumeStoppedError(self.stopped)
-        self.sync_all()
 
     def sync_all(self) -> None:
         """Rule 2: everything acknowledged before is committed and durable.
@@ -356,6 +522,7 @@ class Filesystem:
         # A failed sync stops the volume like a failed commit (rule 3).
         with self._flush_guard():
             self.env.lmdb.sync(True)
+        self.unsynced_commits = 0
 
     # --- attributes ------------------------------------------------------------------
 
@@ -403,7 +570,10 @@ class Filesystem:
 
     def _mark_dirty(self, inode: Inode) -> None:
         inode.attrs_dirty = True
-        self.dirty_inos.add(inode.ino)
+        if not inode.purged:
+            # The kernel may still send a setattr (times) for a file whose
+            # last link and last open are gone; its records stay deleted.
+            self.dirty_inos.add(inode.ino)
 
     def _truncate(self, inode: Inode, new_size: int) -> None:
         """Change the size; committed at once, together with the inode's buffers."""
@@ -423,6 +593,7 @@ class Filesystem:
             attrs["mtime_ns"] = attrs["ctime_ns"] = time.time_ns()
 
     def _flush_inode(self, inode: Inode) -> None:
+        self._settle_inflight()
         if inode.ino in self.dirty_inos:
             with self._change(flush=[inode]):
                 pass
@@ -445,6 +616,8 @@ class Filesystem:
 
     def _chunk_bytes(self, inode: Inode, idx: int) -> bytes:
         buf = inode.dirty.get(idx)
+        if buf is None:
+            buf = inode.flushing.get(idx)
         if buf is not None:
             return bytes(buf)
         with self.env.begin() as txn:
@@ -463,6 +636,8 @@ class Filesystem:
         for idx in indices:
             base = idx * cs
             buf = inode.dirty.get(idx)
+            if buf is None:
+                buf = inode.flushing.get(idx)
             data = buf if buf is not None else stored.get(idx, b"")
             lo, hi = max(offset, base) - base, min(end, base + cs) - base
             piece = bytes(data[lo:hi])
@@ -476,7 +651,7 @@ class Filesystem:
         together so that chunks adjacent in a pack cost one pread."""
         wanted: list[tuple[int, bytes]] = []
         for idx in indices:
-            if idx in inode.dirty:
+            if idx in inode.dirty or idx in inode.flushing:
                 continue
             chunk_id = catalog.get(txn, self.env, self.chain, schema.KIND_CHUNK,
                                    schema.chunk_key(inode.ino, idx))

@@ -17,6 +17,7 @@ import pyfuse3
 
 from .errors import ChunkDamagedError, FsError
 from .filesystem import Filesystem, Inode
+from .group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,10 @@ class FuseOps(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = False
 
-    def __init__(self, fs: Filesystem):
+    def __init__(self, fs: Filesystem, committer: GroupCommitter):
         super().__init__()
         self.fs = fs
+        self.committer = committer
         self._dir_inos: dict[int, int] = {}    # directory handle -> inode
 
     def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -171,7 +173,9 @@ class FuseOps(pyfuse3.Operations):
 
     @_gate
     async def fsync(self, fh, datasync):
-        self.fs.fsync(fh)
+        # Rule 2: returns after a commit that started after this call; the
+        # flush runs in a worker thread, shared with concurrent fsyncs.
+        await self.committer.sync()
 
     @_gate
     async def opendir(self, inode, ctx):
@@ -197,7 +201,7 @@ class FuseOps(pyfuse3.Operations):
         # Namespace changes are committed when they happen; this makes the
         # buffered data of the volume durable too, and syncs the metadata of
         # those earlier commits (rule 2).
-        self.fs.sync_all()
+        await self.committer.sync()
 
     @_gate
     async def statfs(self, ctx):

@@ -6,14 +6,13 @@ they cannot handle with a `CowfsError` whose message says what to do.
 
 import fcntl
 import os
-import struct
 import time
 import uuid
 from typing import Optional
 
 import lmdb
 
-from . import faults, schema
+from . import faults, lmdb_check, schema
 from .chunks import ChunkStore
 from .errors import BusyError, ExistsError, NotFoundError, StoreError, UsageError
 from .packs import fsync_dir
@@ -24,43 +23,6 @@ def _check_chunk_size(chunk_size: int) -> None:
             or chunk_size & (chunk_size - 1)):
         raise UsageError(f"chunk size {chunk_size} is not a power of two between "
                          f"{schema.MIN_CHUNK_SIZE} and {schema.MAX_CHUNK_SIZE} bytes")
-
-
-# LMDB's two meta pages (lmdb.h, 64-bit): after a 16-byte page header,
-# mm_magic u32, mm_version u32, mm_address, mm_mapsize, mm_dbs[2] (the first
-# one's md_pad holds the page size), mm_last_pg u64, mm_txnid u64.
-_LMDB_MAGIC = 0xBEEFC0DE
-_LMDB_META = struct.Struct("<II16x I44x 48x QQ")
-
-
-def _lmdb_file_problem(data_path: str) -> Optional[str]:
-    """Why data.mdb cannot be mapped safely, or None.
-
-    LMDB maps the file and trusts it: a file shorter than its meta page
-    says makes the process die of SIGBUS instead of reporting an error.
-    """
-    try:
-        with open(data_path, "rb") as f:
-            head = f.read(2 * 65536)
-            size_bytes = os.fstat(f.fileno()).st_size
-    except OSError as exc:
-        return f"cannot read {data_path} ({exc.strerror})"
-    metas = []
-    for page_size in (4096, 8192, 16384, 32768, 65536):
-        for at in (0, page_size):
-            if at + 16 + _LMDB_META.size <= len(head):
-                magic, _version, psize, last_pg, txnid = _LMDB_META.unpack_from(head, at + 16)
-                if magic == _LMDB_MAGIC and psize == page_size:
-                    metas.append((txnid, last_pg, psize))
-        if metas:
-            break
-    if not metas:
-        return f"{data_path} has no valid LMDB meta page"
-    _txnid, last_pg, psize = max(metas)
-    if size_bytes < (last_pg + 1) * psize:
-        return (f"{data_path} is truncated ({size_bytes} bytes, its meta page names "
-                f"{(last_pg + 1) * psize})")
-    return None
 
 
 class Store:
@@ -118,7 +80,7 @@ class Store:
         if not os.path.isfile(os.path.join(meta_dir, "data.mdb")):
             raise StoreError(f"{path} is not a cowfs store (no meta/data.mdb); "
                              f"create one with 'cowfs init'")
-        problem = _lmdb_file_problem(os.path.join(meta_dir, "data.mdb"))
+        problem = lmdb_check.file_problem(os.path.join(meta_dir, "data.mdb"))
         if problem is not None:
             raise StoreError(f"metadata of store {path} is damaged: {problem}; restore meta/ from a copy")
         try:

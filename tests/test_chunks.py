@@ -69,17 +69,8 @@ def commit(store: Store, batch, refs=(), unrefs=()) -> None:
 
 
 def release(store: Store, chunk_ids) -> None:
-    """Drop the references a test took, so fsck finds records and counts agree.
-
-    A hundred per commit: one transaction deleting hundreds of entries
-    leaves data.mdb shorter than its meta page's last page number (pages
-    LMDB allocated and freed again are never written), which the
-    truncation check of `store._lmdb_file_problem` then reports as damage.
-    That check is not what these tests are about.
-    """
-    chunk_ids = list(chunk_ids)
-    for start in range(0, len(chunk_ids), 100):
-        commit(store, store.chunks.batch(), unrefs=chunk_ids[start:start + 100])
+    """Drop the references a test took, so fsck finds records and counts agree."""
+    commit(store, store.chunks.batch(), unrefs=list(chunk_ids))
 
 
 def pack_bytes(store: Store) -> int:

@@ -178,3 +178,30 @@ def test_unknown_format_version_is_refused_by_every_command(store, workdir):
     assert "format version 2" in one_line_refusal(store, "mount", os.path.join(workdir, "mnt"))
     for command, *args in (("fsck",), ("list",), ("gc",), ("df",), ("snapshot", "main@s")):
         assert "format version 2" in one_line_refusal(store, command, *args)
+
+
+def test_a_big_delete_leaves_a_short_but_healthy_data_file_that_opens(store, workdir):
+    """One transaction that frees thousands of chunk entries leaves data.mdb
+    shorter than its meta page's last page (pages allocated and freed in the
+    same transaction are never written). That is not damage: every command
+    must still open the store, and the check extends the file once."""
+    from cowfs import lmdb_check
+    mount = Mount(store, os.path.join(workdir, "mnt")).mount()
+    try:
+        with open(f"{mount.path}/big", "wb") as f:
+            f.write(os.urandom(6000 * CHUNK_BYTES))
+            os.fsync(f.fileno())
+        mount.umount()
+        mount.mount()
+        os.unlink(f"{mount.path}/big")         # frees every chunk in one commit
+        mount.umount()
+    finally:
+        mount.close()
+    data = os.path.join(store, "meta", "data.mdb")
+    with open(data, "rb") as f:
+        page_size, _free, _main, last_pg = lmdb_check._newest_meta(f.read(2 * 65536))
+    assert os.path.getsize(data) < (last_pg + 1) * page_size, "precondition: a short file"
+    for command in ("list", "df"):
+        cowfs(command, store)
+    assert os.path.getsize(data) >= (last_pg + 1) * page_size
+    fsck_clean(store)

@@ -1,0 +1,110 @@
+"""Group commit of a mounted volume: fsync requests share flushes that run
+in a worker thread, so the event loop keeps serving while the disk flushes.
+
+Protocol (rule 2 per request): a request waits for a flush that *started
+after* it arrived. Flushes are numbered; a request that arrives while flush
+k is in flight needs flush k + 1, which starts when k ends and covers every
+request that arrived meanwhile -- with N clients committing at once, one
+flush (pack fdatasync, LMDB commit, environment sync) answers all of them.
+
+A request is answered with the outcome of the flush it needed: success, or
+ENOSPC (the writes are buffered again; a later fsync may succeed honestly),
+or EIO once the volume stopped (rule 3: never a late success).
+
+Only the device work runs in the thread (`FlushJob.run`); freezing the
+buffers and applying the outcome run on the event loop
+(`Filesystem.begin_flush`, `Filesystem.finish_flush`).
+"""
+
+import errno
+import logging
+from typing import Optional
+
+import trio
+
+from .errors import FsError
+from .filesystem import Filesystem, FlushJob
+
+log = logging.getLogger(__name__)
+
+# Outcomes kept for requests that wake up late; a request needs one of the
+# last few flushes, never one this far back.
+KEEP_OUTCOMES = 64
+
+
+class GroupCommitter:
+    def __init__(self, fs: Filesystem):
+        self.fs = fs
+        self._started = 0                 # number of the newest flush started
+        self._finished = 0                # number of the newest flush ended
+        self._running: Optional[trio.Event] = None
+        self._failures: dict[int, FsError] = {}
+        self.requests = 0                 # sync() calls (for `stats`)
+
+    async def sync(self) -> None:
+        """Return once every write acknowledged before the call is durable."""
+        self.requests += 1
+        needed = self._started + 1
+        while self._finished < needed:
+            if self._running is None:
+                await self._flush()
+            else:
+                await self._running.wait()
+        failure = self._failures.get(needed)
+        if failure is not None:
+            raise FsError(failure.errno, failure.args[1])
+
+    async def _flush(self) -> None:
+        self._started += 1
+        number = self._started
+        self._running = done = trio.Event()
+        outcome_known = False
+        try:
+            job = self.fs.begin_flush()
+            if job.entries or job.sync_env:
+                await _run_in_thread(job)
+            else:
+                job.run()                 # nothing to flush: no thread hop
+            outcome_known = True
+            self.fs.finish_flush(job)
+        except FsError as exc:
+            self._fail(number, exc)
+        except Exception as exc:
+            # A bug, not a disk error: still never report success for it.
+            log.exception("flush %d of volume %d failed", number, self.fs.vol_id)
+            self._fail(number, FsError(errno.EIO, f"flush failed: {exc}"))
+        finally:
+            if not outcome_known and number not in self._failures:
+                # Cancelled (unmount) while the job ran: whoever waits for
+                # it learns nothing good. The job itself ends in its thread
+                # and the final flush at unmount settles it.
+                self._fail(number, FsError(errno.EIO, "flush interrupted by unmount"))
+            self._finished = number
+            self._running = None
+            done.set()
+
+    def _fail(self, number: int, exc: FsError) -> None:
+        self._failures[number] = exc
+        self._failures.pop(number - KEEP_OUTCOMES, None)
+
+
+async def _run_in_thread(job: FlushJob) -> None:
+    """Run `job` in a worker thread that starts *now*, then wait for it.
+
+    Not `trio.to_thread.run_sync`: it yields to the event loop before the
+    thread starts, and a task that meanwhile commits on the loop waits
+    (blocking the loop) for this job, whose thread could then never start.
+    `start_thread_soon` starts the thread before this task yields, so the
+    job always ends on its own.
+    """
+    token = trio.lowlevel.current_trio_token()
+    ended = trio.Event()
+
+    def wake(_outcome) -> None:           # in the worker thread
+        try:
+            token.run_sync_soon(ended.set)
+        except trio.RunFinishedError:
+            pass                          # the daemon stopped serving; settled at unmount
+
+    trio.lowlevel.start_thread_soon(job.run, wake, name=f"cowfs flush {id(job):x}")
+    await ended.wait()

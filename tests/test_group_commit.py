@@ -1,0 +1,195 @@
+"""Group commit: the flush of an fsync runs in a worker thread.
+
+The daemon's fault layer (`cowfs.faults`, tests only) makes every pack
+fdatasync slow once the test arms it (``pack_sync_delay``), which holds a
+flush in flight long enough to act during it: the event loop must keep
+serving reads and buffered writes, fsyncs that arrive meanwhile must share
+the next flush, and a write into a chunk that is being flushed must not
+lose either version. Everything else is the real daemon on a real mount.
+The assertions are about order and counts, never about durations.
+"""
+
+import os
+import threading
+import time
+
+from cowfs import control, volumes
+from cowfs.store import Store
+from helpers import cowfs, fsck_clean
+from test_reliability_io import mount_with_faults
+
+SLOW_SYNC_MS = 2500
+CHUNK = 8192
+
+
+def daemon_stats(store_path: str, volume: str = "main") -> dict:
+    store = Store.open(store_path)
+    try:
+        with store.env.begin() as txn:
+            vol_id = volumes.volume_id(txn, store.env, volume)
+        return control.request(store.run_dir, vol_id, {"op": "stats"})
+    finally:
+        store.close()
+
+
+def wait_for_flush_start(store: str, flush_jobs_before: int) -> None:
+    """Until the daemon has begun a flush (it then sleeps in the slow fdatasync)."""
+    deadline = time.monotonic() + 60
+    while daemon_stats(store)["flush_jobs"] <= flush_jobs_before:
+        assert time.monotonic() < deadline, "no flush started"
+        time.sleep(0.01)
+
+
+class Fsync(threading.Thread):
+    """fsync of one file in a thread; `.done` tells whether it returned."""
+
+    def __init__(self, path: str, data: bytes = b"", offset: int = 0):
+        super().__init__(daemon=True)
+        self.path, self.data, self.offset = path, data, offset
+        self.error = None
+        self.done = threading.Event()
+
+    def run(self):
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                if self.data:
+                    os.pwrite(fd, self.data, self.offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.error = exc
+        self.done.set()
+
+
+def slow_mount(store: str, workdir: str):
+    arm = os.path.join(workdir, "arm")
+    mount = mount_with_faults(store, os.path.join(workdir, "mnt"),
+                              f"pack_sync_delay={SLOW_SYNC_MS},armed_by={arm}",
+                              "--commit-interval", "3600")
+    return mount, arm
+
+
+def test_reads_and_writes_are_served_while_a_flush_is_in_flight(store, workdir):
+    mount, arm = slow_mount(store, workdir)
+    try:
+        old = os.urandom(4 * CHUNK)
+        with open(os.path.join(mount.path, "old"), "wb") as f:
+            f.write(old)
+            os.fsync(f.fileno())
+        mount.umount()                    # a cold page cache: reads of "old" reach the daemon
+        mount, arm = slow_mount(store, workdir)
+        open(arm, "w").close()
+        before = daemon_stats(store)
+        flusher = Fsync(os.path.join(mount.path, "new"), os.urandom(3 * CHUNK))
+        flusher.start()
+        wait_for_flush_start(store, before["flush_jobs"])
+        with open(os.path.join(mount.path, "old"), "rb") as f:
+            assert f.read() == old
+        assert os.stat(os.path.join(mount.path, "new")).st_size == 3 * CHUNK
+        assert not flusher.done.is_set(), "the read waited for the flush"
+        flusher.join(120)
+        assert flusher.done.is_set() and flusher.error is None, flusher.error
+        os.unlink(arm)
+    finally:
+        mount.close()
+    fsck_clean(store)
+
+
+def test_fsyncs_arriving_during_a_flush_share_the_next_one(store, workdir):
+    mount, arm = slow_mount(store, workdir)
+    payloads = {f"f{i}": os.urandom(2 * CHUNK + i) for i in range(5)}
+    try:
+        for name in payloads:       # creating commits on the loop: it would wait for the flush
+            open(os.path.join(mount.path, name), "wb").close()
+        open(arm, "w").close()
+        before = daemon_stats(store)
+        first = Fsync(os.path.join(mount.path, "f0"), payloads["f0"])
+        first.start()
+        wait_for_flush_start(store, before["flush_jobs"])
+        others = [Fsync(os.path.join(mount.path, name), payloads[name])
+                  for name in sorted(payloads)[1:]]
+        for thread in others:
+            thread.start()
+        for thread in [first] + others:
+            thread.join(120)
+            assert thread.done.is_set() and thread.error is None, thread.error
+        after = daemon_stats(store)
+        assert after["sync_requests"] - before["sync_requests"] == 5
+        assert after["flush_jobs"] - before["flush_jobs"] == 2, (before, after)
+        os.unlink(arm)
+        mount.umount()
+        mount.mount()
+        for name, data in payloads.items():
+            with open(os.path.join(mount.path, name), "rb") as f:
+                assert f.read() == data, name
+    finally:
+        mount.close()
+    fsck_clean(store)
+
+
+def test_a_write_into_a_chunk_being_flushed_keeps_both_versions(store, workdir):
+    """A flush takes every dirty file, not only the one fsynced. A write into
+    a chunk of another file while that flush is in flight lands in a fresh
+    buffer filled from the frozen one -- not from the store, which does not
+    have the frozen bytes yet. (The kernel holds the fsynced file's own lock
+    during its fsync, so the other file is where this can happen.)"""
+    mount, arm = slow_mount(store, workdir)
+    other = os.path.join(mount.path, "other")
+    first = os.urandom(2 * CHUNK)
+    patch = b"P" * 100
+    try:
+        with open(other, "wb") as f:
+            f.write(first)            # close hands the pages to the daemon: buffered there
+        open(arm, "w").close()
+        before = daemon_stats(store)
+        flusher = Fsync(os.path.join(mount.path, "fsynced"), b"f" * CHUNK)
+        flusher.start()
+        wait_for_flush_start(store, before["flush_jobs"])
+        fd = os.open(other, os.O_WRONLY)
+        os.pwrite(fd, patch, CHUNK + 50)    # inside the second chunk, frozen in the flush
+        os.close(fd)                        # the kernel writes the page back now
+        assert not flusher.done.is_set(), "the write waited for the flush"
+        flusher.join(120)
+        assert flusher.done.is_set() and flusher.error is None, flusher.error
+        os.unlink(arm)
+        mount.umount()
+        mount.mount()
+        expected = bytearray(first)
+        expected[CHUNK + 50:CHUNK + 150] = patch
+        with open(other, "rb") as f:
+            assert f.read() == bytes(expected)
+    finally:
+        mount.close()
+    fsck_clean(store)
+
+
+def test_namespace_changes_during_a_flush_wait_for_it_and_stay_consistent(store, workdir):
+    """A rename or unlink commits on the event loop: it waits for the flush in
+    flight (never two commits at once), and the result survives a remount."""
+    mount, arm = slow_mount(store, workdir)
+    try:
+        open(arm, "w").close()
+        before = daemon_stats(store)
+        data = os.urandom(3 * CHUNK)
+        flusher = Fsync(os.path.join(mount.path, "a"), data)
+        flusher.start()
+        wait_for_flush_start(store, before["flush_jobs"])
+        os.rename(os.path.join(mount.path, "a"), os.path.join(mount.path, "b"))
+        with open(os.path.join(mount.path, "gone"), "wb") as f:
+            f.write(b"x" * 10)
+        os.unlink(os.path.join(mount.path, "gone"))
+        flusher.join(120)
+        assert flusher.done.is_set() and flusher.error is None, flusher.error
+        os.unlink(arm)
+        mount.umount()
+        mount.mount()
+        assert sorted(os.listdir(mount.path)) == ["b"]
+        with open(os.path.join(mount.path, "b"), "rb") as f:
+            assert f.read() == data
+        result = cowfs("umount", mount.path)
+        assert result.returncode == 0
+    finally:
+        mount.close()
+    fsck_clean(store)
