@@ -37,7 +37,7 @@ import os
 import stat
 import threading
 import time
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import lmdb
 
@@ -51,7 +51,10 @@ log = logging.getLogger(__name__)
 
 NAME_MAX_BYTES = 255
 XATTR_VALUE_MAX_BYTES = 64 * 1024
-DIRTY_LIMIT_BYTES = 64 << 20        # flush when buffered chunks exceed this
+# Beyond this much buffered, a write starts a flush in the background (the
+# loop keeps taking writes into fresh buffers meanwhile); beyond twice it,
+# the write waits for a flush: buffered memory stays under 2x this.
+DIRTY_LIMIT_BYTES = 32 << 20
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
@@ -79,18 +82,22 @@ def is_full_disk(exc: BaseException, meta_dir: str) -> bool:
 
 def stage_buffers(buffers: dict, size: int, chunk_size: int, batch: ChunkBatch) -> dict:
     """Add the chunk buffers of one file (of `size` bytes) to `batch`:
-    {chunk_index: chunk_id, or None for an all-zero chunk (a hole)}."""
+    {chunk_index: chunk_id, or None for an all-zero chunk (a hole)}.
+
+    The buffers are not copied: callers keep them unchanged until the batch
+    is applied (a FlushJob's frozen buffers; a `_change`, which runs without
+    yielding to the event loop)."""
     chunk_ids = {}
     indices, datas = [], []
     for idx, buf in buffers.items():
         length = max(min(chunk_size, size - idx * chunk_size), 0)
-        data = memoryview(buf)[:length]      # add_many copies what it keeps
+        data = memoryview(buf)[:length]
         if is_zero(data):
             chunk_ids[idx] = None
         else:
             indices.append(idx)
             datas.append(data)
-    chunk_ids.update(zip(indices, batch.add_many(datas)))
+    chunk_ids.update(zip(indices, batch.add_many(datas, stable=True)))
     return chunk_ids
 
 
@@ -164,6 +171,44 @@ class FlushJob:
         faults.point("commit.before")
         txn.commit()                                    # the commit point (rule 2)
         faults.point("commit.after")
+
+
+class ReadPlan:
+    """The stored part of a read, fetched outside the event loop if large.
+
+    Holds copies of the buffered chunks it needs and the pack locations of
+    the stored ones, so `fetch` touches no `Filesystem` state: a write that
+    lands meanwhile is simply not part of this read (as if it came after).
+    """
+
+    def __init__(self, chunks, chunk_size: int, offset: int, end: int):
+        self.chunks = chunks
+        self.chunk_size = chunk_size
+        self.offset, self.end = offset, end
+        self.memory: dict[int, bytes] = {}      # chunk index -> buffered bytes (copy)
+        self.stored: tuple = ([], [], [])      # chunk indices, ids, (pack, offset, length)
+
+    @property
+    def stored_chunks(self) -> int:
+        return len(self.stored[0])
+
+    def fetch(self) -> bytes:
+        cs, offset, end = self.chunk_size, self.offset, self.end
+        if offset >= end:
+            return b""
+        indices, ids, locations = self.stored
+        chunks = dict(self.memory)
+        chunks.update(zip(indices, self.chunks.read_located(ids, locations)))
+        parts = []
+        for idx in range(offset // cs, (end - 1) // cs + 1):
+            base = idx * cs
+            data = chunks.get(idx, b"")
+            lo, hi = max(offset, base) - base, min(end, base + cs) - base
+            piece = data[lo:hi]
+            if len(piece) < hi - lo:      # short chunk or hole: zeros
+                piece += bytes(hi - lo - len(piece))
+            parts.append(piece)
+        return b"".join(parts)
 
 
 class Inode:
@@ -256,6 +301,8 @@ class Filesystem:
         # commits leave the meta page unflushed: schema.Env metasync=False).
         self.unsynced_commits = 0
         self.flush_jobs = 0                     # FlushJobs run (for `stats`)
+        # Set by the daemon's group committer: starts a flush without waiting.
+        self.background_flush: Optional[Callable[[], None]] = None
 
     # --- loading -----------------------------------------------------------------
 
@@ -624,41 +671,35 @@ class Filesystem:
             return self._stored_chunk(txn, inode.ino, idx)
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
+        return self.plan_read(ino, offset, size).fetch()
+
+    def plan_read(self, ino: int, offset: int, size: int) -> "ReadPlan":
+        """On the event loop: copy what memory holds, locate the stored
+        chunks; `ReadPlan.fetch` then reads them, in any thread."""
         inode = self.get(ino)
         cs = self.chunk_size
         end = min(offset + size, inode.attrs["size"])
+        plan = ReadPlan(self.store.chunks, cs, offset, max(end, offset))
         if offset >= end:
-            return b""
-        indices = range(offset // cs, (end - 1) // cs + 1)
+            return plan
+        wanted_idx, wanted_ids = [], []
         with self.env.begin() as txn:
-            stored = self._stored_chunks(txn, inode, indices)
-        parts = []
-        for idx in indices:
-            base = idx * cs
-            buf = inode.dirty.get(idx)
-            if buf is None:
-                buf = inode.flushing.get(idx)
-            data = buf if buf is not None else stored.get(idx, b"")
-            lo, hi = max(offset, base) - base, min(end, base + cs) - base
-            piece = bytes(data[lo:hi])
-            if len(piece) < hi - lo:      # short chunk or hole: zeros
-                piece += bytes(hi - lo - len(piece))
-            parts.append(piece)
-        return b"".join(parts)
-
-    def _stored_chunks(self, txn, inode: Inode, indices: range) -> dict[int, bytes]:
-        """Stored bytes of the clean, non-hole chunks among `indices`, read
-        together so that chunks adjacent in a pack cost one pread."""
-        wanted: list[tuple[int, bytes]] = []
-        for idx in indices:
-            if idx in inode.dirty or idx in inode.flushing:
-                continue
-            chunk_id = catalog.get(txn, self.env, self.chain, schema.KIND_CHUNK,
-                                   schema.chunk_key(inode.ino, idx))
-            if chunk_id is not None:
-                wanted.append((idx, chunk_id))
-        datas = self.store.chunks.read_many(txn, [chunk_id for _, chunk_id in wanted])
-        return {idx: data for (idx, _), data in zip(wanted, datas)}
+            for idx in range(offset // cs, (end - 1) // cs + 1):
+                buf = inode.dirty.get(idx)
+                if buf is None:
+                    buf = inode.flushing.get(idx)
+                if buf is not None:
+                    plan.memory[idx] = bytes(buf)
+                    continue
+                chunk_id = catalog.get(txn, self.env, self.chain, schema.KIND_CHUNK,
+                                       schema.chunk_key(inode.ino, idx))
+                if chunk_id is not None:        # else a hole: zeros
+                    wanted_idx.append(idx)
+                    wanted_ids.append(chunk_id)
+            # Located now, in the transaction that found the ids: a chunk an
+            # overwrite frees meanwhile keeps its bytes until gc runs.
+            plan.stored = (wanted_idx, wanted_ids, self.store.chunks.locate_many(txn, wanted_ids))
+        return plan
 
     def write(self, ino: int, offset: int, data: bytes) -> int:
         self._check_writable()
@@ -685,7 +726,10 @@ class Filesystem:
         attrs["mtime_ns"] = attrs["ctime_ns"] = time.time_ns()
         self._mark_dirty(inode)
         if self.dirty_bytes > DIRTY_LIMIT_BYTES:
-            self.flush_all()
+            if self.background_flush is None or self.dirty_bytes > 2 * DIRTY_LIMIT_BYTES:
+                self.flush_all()         # waits for the flush in flight, then flushes here
+            else:
+                self.background_flush()
         return len(data)
 
     # --- namespace ---------------------------------------------------------------------

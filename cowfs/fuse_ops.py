@@ -14,6 +14,7 @@ import os
 
 import lmdb
 import pyfuse3
+import trio
 
 from .errors import ChunkDamagedError, FsError
 from .filesystem import Filesystem, Inode
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 # kernel, which updates its own caches; long timeouts are therefore safe and
 # save a round trip per lookup/getattr (timeouts of 0 cost 3-4x on reads).
 CACHE_TIMEOUT_S = 3600.0
+# Reads of at least this many stored chunks run in a worker thread; smaller
+# ones (PostgreSQL's 8 KiB page reads) are cheaper than the thread hop.
+OFFLOAD_READ_MIN_CHUNKS = 16
 _PASSTHROUGH_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 
 
@@ -156,7 +160,12 @@ class FuseOps(pyfuse3.Operations):
 
     @_gate
     async def read(self, fh, off, size):
-        return self.fs.read(fh, off, size)
+        plan = self.fs.plan_read(fh, off, size)
+        if plan.stored_chunks >= OFFLOAD_READ_MIN_CHUNKS:
+            # Large reads (sequential read-ahead) wait for the disk in a
+            # thread: several are in flight at once and the loop keeps serving.
+            return await trio.to_thread.run_sync(plan.fetch)
+        return plan.fetch()
 
     @_gate
     async def write(self, fh, off, buf):

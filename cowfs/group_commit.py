@@ -39,7 +39,25 @@ class GroupCommitter:
         self._finished = 0                # number of the newest flush ended
         self._running: Optional[trio.Event] = None
         self._failures: dict[int, FsError] = {}
+        self._background_pending = False
         self.requests = 0                 # sync() calls (for `stats`)
+        fs.background_flush = self.flush_in_background
+
+    def flush_in_background(self) -> None:
+        """Start a flush that nobody waits for (too much is buffered), unless
+        one is in flight or about to start. Called on the event loop from a
+        synchronous method, so the flush runs as a trio system task."""
+        if self._running is None and not self._background_pending:
+            self._background_pending = True
+            trio.lowlevel.spawn_system_task(self._background)
+
+    async def _background(self) -> None:
+        self._background_pending = False
+        if self._running is None:
+            await self._flush()
+        # A failure is logged by the filesystem and stays with the volume:
+        # ENOSPC leaves the data buffered for the next fsync, anything else
+        # stops the volume, so the next fsync fails (rule 3).
 
     async def sync(self) -> None:
         """Return once every write acknowledged before the call is durable."""

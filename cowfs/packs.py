@@ -19,6 +19,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import threading
 
 from . import schema
 
@@ -66,7 +67,12 @@ class PackStore:
 
     def __init__(self, packs_dir: str):
         self.packs_dir = packs_dir
+        # Read handles, shared by the event loop and the threads that serve
+        # large reads: `_lock` guards opening one and closing them, and
+        # `_readers` counts reads in progress, during which none is closed.
         self._read_fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._readers = 0
         # gc turns this off: compaction writes a little to free a lot.
         self.keep_reserve = True
 
@@ -102,15 +108,27 @@ class PackStore:
             raise
         return self.writer_class(pack_id, fd, schema.PACK_HEADER.size, self.space_for_chunks)
 
+    @contextlib.contextmanager
+    def reading(self):
+        """Around every `read`: no handle is closed while a read may use it."""
+        with self._lock:
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._readers -= 1
+
     def read(self, pack_id: int, offset: int, length: int) -> bytes:
-        # `_read_fds` belongs to the reading thread (the event loop): pack
-        # writers, whose sync may run on a worker thread, never touch it.
-        # Were that to change, a single dict get or set is still atomic in
-        # CPython; `drop_unlinked` iterating it would not be.
+        """Bytes of a pack. Threads other than the event loop call it inside
+        `reading()`; pack writers never touch the read handles."""
         fd = self._read_fds.get(pack_id)
         if fd is None:
-            fd = os.open(self.path(pack_id), os.O_RDONLY)
-            self._read_fds[pack_id] = fd
+            with self._lock:        # two reader threads must not both open it (one fd would leak)
+                fd = self._read_fds.get(pack_id)
+                if fd is None:
+                    fd = os.open(self.path(pack_id), os.O_RDONLY)
+                    self._read_fds[pack_id] = fd
         data = os.pread(fd, length, offset)
         if len(data) != length:
             raise OSError(errno.EIO, f"pack {pack_id:08x} is shorter than the catalog says "
@@ -118,11 +136,15 @@ class PackStore:
         return data
 
     def drop_unlinked(self) -> None:
-        """Close read handles of packs gc removed, so their space is freed."""
-        for pack_id, fd in list(self._read_fds.items()):
-            if os.fstat(fd).st_nlink == 0:
-                os.close(fd)
-                del self._read_fds[pack_id]
+        """Close read handles of packs gc removed, so their space is freed.
+        Skipped while reads are in progress; the periodic commit tries again."""
+        with self._lock:
+            if self._readers:
+                return
+            for pack_id, fd in list(self._read_fds.items()):
+                if os.fstat(fd).st_nlink == 0:
+                    os.close(fd)
+                    del self._read_fds[pack_id]
 
     def size(self, pack_id: int) -> int:
         return os.stat(self.path(pack_id)).st_size

@@ -193,3 +193,33 @@ def test_namespace_changes_during_a_flush_wait_for_it_and_stay_consistent(store,
     finally:
         mount.close()
     fsck_clean(store)
+
+
+def test_writing_more_than_the_dirty_limit_flushes_in_the_background(store, workdir):
+    """Past DIRTY_LIMIT_BYTES a write starts a flush nobody waits for; past
+    twice that it waits. Nothing fsynced yet, the data must still all arrive."""
+    from cowfs.filesystem import DIRTY_LIMIT_BYTES
+    mount, _arm = slow_mount(store, workdir)     # not armed: a normal disk
+    path = os.path.join(mount.path, "big")
+    block = 1 << 20
+    total_blocks = 5 * DIRTY_LIMIT_BYTES // block
+    try:
+        before = daemon_stats(store)
+        with open(path, "wb") as f:
+            for i in range(total_blocks):
+                f.write(i.to_bytes(8, "little") * (block // 8))
+            f.flush()
+            os.fsync(f.fileno())
+        after = daemon_stats(store)
+        # The one fsync needs one flush; the rest were started by writes.
+        assert after["sync_requests"] - before["sync_requests"] == 1
+        assert after["flush_jobs"] - before["flush_jobs"] >= 2, (before, after)
+        assert after["dirty_bytes"] == 0
+        mount.umount()
+        mount.mount()
+        with open(path, "rb") as f:
+            for i in range(total_blocks):
+                assert f.read(block) == i.to_bytes(8, "little") * (block // 8), f"block {i}"
+    finally:
+        mount.close()
+    fsck_clean(store)

@@ -4,8 +4,10 @@ dirty buffers not yet committed, deduplicated chunks and a short last chunk.
 Real mounts only; the `mounted` fixture ends with a clean fsck.
 """
 
+import errno
 import os
 import random
+import threading
 
 from cowfs import chunks, schema
 
@@ -80,3 +82,71 @@ def test_contiguous_runs_split_on_gaps_packs_and_span():
     runs = chunks._contiguous_runs([b"x" * 16] * 1000, many)
     assert sum(len(run) for run in runs) == 1000
     assert all(run[-1][2] + run[-1][3] - run[0][2] <= chunks.MAX_SPAN_BYTES for run in runs)
+
+
+def test_large_reads_in_parallel_threads_and_damage_still_gives_eio(mounted, store):
+    """Reads of many stored chunks are served in worker threads, several at
+    once; each returns its own bytes, and a damaged chunk still gives EIO for
+    the read that covers it (never wrong bytes), others unaffected."""
+    path = os.path.join(mounted.path, "big")
+    mib = 1 << 20
+    data = random.Random(11).randbytes(32 * mib)
+    _write(path, 0, data, fsync=True)
+    mounted.umount()
+    mounted.mount()
+    results, errors = {}, []
+
+    def reader(start_mib: int) -> None:
+        try:
+            for m in range(start_mib, 32, 4):
+                results[m] = _pread_all(path, m * mib, mib)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    assert b"".join(results[m] for m in range(32)) == data
+
+    # Flip one byte of the chunk at 20 MiB + 3 chunks, in its pack.
+    target = data[20 * mib + 3 * CHUNK: 20 * mib + 4 * CHUNK]
+    needle = target[:64]
+    mounted.umount()
+    packs = os.path.join(store, "packs")
+    flipped = None
+    for name in sorted(os.listdir(packs)):
+        with open(os.path.join(packs, name), "r+b") as f:
+            blob = f.read()
+            at = blob.find(needle)
+            if at >= 0:
+                f.seek(at + 10)
+                f.write(bytes([blob[at + 10] ^ 0xFF]))
+                flipped = (name, at + 10, blob[at + 10])
+                break
+    assert flipped is not None
+    mounted.mount()
+    try:
+        # A read over the damage stops short of it (the kernel returns what
+        # it read before the failed page) or fails; it never returns the chunk.
+        damaged_at = 20 * mib + 3 * CHUNK
+        try:
+            got = _pread_all(path, 20 * mib, mib)
+            assert len(got) <= damaged_at - 20 * mib and got == data[20 * mib:20 * mib + len(got)]
+        except OSError as exc:
+            assert exc.errno == errno.EIO, exc
+        try:
+            _pread_all(path, damaged_at, mib)
+            raise AssertionError("a read starting at a damaged chunk returned data")
+        except OSError as exc:
+            assert exc.errno == errno.EIO, exc
+        assert _pread_all(path, 21 * mib, mib) == data[21 * mib:22 * mib]
+    finally:
+        mounted.umount()
+        name, at, original = flipped
+        with open(os.path.join(packs, name), "r+b") as f:    # undo: the fixture's fsck stays clean
+            f.seek(at)
+            f.write(bytes([original]))
+        mounted.mount()
