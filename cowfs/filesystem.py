@@ -574,12 +574,19 @@ class Filesystem:
     # --- attributes ------------------------------------------------------------------
 
     def lookup(self, parent_ino: int, name: bytes) -> Inode:
+        inode = self.lookup_or_none(parent_ino, name)
+        if inode is None:
+            raise FsError(errno.ENOENT, name.decode(errors="replace"))
+        return inode
+
+    def lookup_or_none(self, parent_ino: int, name: bytes) -> Optional[Inode]:
+        """The child named `name` (one more kernel reference), or None."""
         self._check_name(name)
         parent = self._dir(parent_ino)
         with self.env.begin() as txn:
             child_ino = self._child_ino(txn, parent, name)
             if child_ino is None:
-                raise FsError(errno.ENOENT, name.decode(errors="replace"))
+                return None
             inode = self.get(child_ino, txn)
         inode.lookups += 1
         return inode

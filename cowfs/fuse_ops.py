@@ -89,7 +89,15 @@ class FuseOps(pyfuse3.Operations):
 
     @_gate
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._entry(self.fs.lookup(parent_inode, name))
+        inode = self.fs.lookup_or_none(parent_inode, name)
+        if inode is None:
+            # A negative entry (inode 0) the kernel may cache: names are
+            # created only through this mount, which replaces the entry.
+            entry = pyfuse3.EntryAttributes()
+            entry.st_ino = 0
+            entry.entry_timeout = CACHE_TIMEOUT_S
+            return entry
+        return self._entry(inode)
 
     async def forget(self, inode_list):
         for ino, count in inode_list:

@@ -350,3 +350,28 @@ def test_open_with_o_trunc_replaces_the_contents_across_remount(mounted, store):
     mounted.mount()
     with open(path, "rb") as f:
         assert f.read() == b"y" * 100
+
+
+def test_names_looked_up_before_they_exist_appear_when_created(mounted):
+    """The kernel caches "no such name" answers (negative entries); creating,
+    renaming, linking or unlinking through the mount must replace them."""
+    root = mounted.path
+    names = {kind: os.path.join(root, kind) for kind in ("file", "dir", "link", "hard", "moved")}
+    for path in names.values():
+        assert not os.path.exists(path)              # now cached as absent
+    with open(names["file"], "w") as f:
+        f.write("x")
+    os.mkdir(names["dir"])
+    os.symlink("file", names["link"])
+    os.link(names["file"], names["hard"])
+    assert os.path.isfile(names["file"]) and os.path.isdir(names["dir"])
+    assert os.readlink(names["link"]) == "file" and os.stat(names["hard"]).st_nlink == 2
+    os.rename(names["hard"], names["moved"])
+    assert not os.path.exists(names["hard"]) and os.path.isfile(names["moved"])
+    os.unlink(names["moved"])
+    assert not os.path.exists(names["moved"])
+    os.mkdir(names["moved"])                          # absent again, then a directory
+    assert os.path.isdir(names["moved"])
+    mounted.umount()
+    mounted.mount()
+    assert sorted(os.listdir(root)) == ["dir", "file", "link", "moved"]
