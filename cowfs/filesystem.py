@@ -419,14 +419,17 @@ class Filesystem:
 
     # --- group commit off the event loop (see FlushJob) ----------------------------------
 
-    def begin_flush(self) -> FlushJob:
-        """Freeze every buffered write and unsynced commit into a job that a
-        worker thread runs (`FlushJob.run`); `finish_flush` ends it."""
+    def begin_flush(self, inos: Optional[set[int]] = None) -> FlushJob:
+        """Freeze the buffered writes of `inos` (None: of every file) and the
+        unsynced commits into a job that a worker thread runs
+        (`FlushJob.run`); `finish_flush` ends it."""
         self._settle_inflight()
         if self.stopped is not None:
             raise VolumeStoppedError(self.stopped)     # rule 3: never a late success
+        chosen = list(self.dirty_inos if inos is None else self.dirty_inos & inos)
         entries = []
-        for ino in self.dirty_inos:
+        for ino in chosen:
+            self.dirty_inos.discard(ino)
             inode = self.inodes[ino]
             if inode.purged:
                 # Its records are gone (a late setattr after the last close):
@@ -437,7 +440,6 @@ class Filesystem:
             entries.append((inode, inode.dirty, dict(inode.attrs)))
             inode.flushing, inode.dirty = inode.dirty, {}
             inode.attrs_dirty = False
-        self.dirty_inos.clear()
         job = FlushJob(self, entries, list(self.chain),
                        sync_env=bool(entries) or self.unsynced_commits > 0)
         self.unsynced_commits = 0

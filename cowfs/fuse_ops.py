@@ -190,9 +190,10 @@ class FuseOps(pyfuse3.Operations):
 
     @_gate
     async def fsync(self, fh, datasync):
-        # Rule 2: returns after a commit that started after this call; the
-        # flush runs in a worker thread, shared with concurrent fsyncs.
-        await self.committer.sync()
+        # Rule 2: returns after a commit of this file's writes that started
+        # after this call; it runs in a worker thread, shared with concurrent
+        # fsyncs. Other files' buffered writes wait for their own fsync.
+        await self.committer.sync(fh)
 
     @_gate
     async def opendir(self, inode, ctx):
@@ -215,10 +216,10 @@ class FuseOps(pyfuse3.Operations):
 
     @_gate
     async def fsyncdir(self, fh, datasync):
-        # Namespace changes are committed when they happen; this makes the
-        # buffered data of the volume durable too, and syncs the metadata of
-        # those earlier commits (rule 2).
-        await self.committer.sync()
+        # Namespace changes are committed when they happen; this syncs the
+        # metadata of those earlier commits (rule 2), with the directory's
+        # own buffered attributes if any.
+        await self.committer.sync(self._dir_inos[fh])
 
     @_gate
     async def statfs(self, ctx):

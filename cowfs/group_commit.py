@@ -6,6 +6,12 @@ after* it arrived. Flushes are numbered; a request that arrives while flush
 k is in flight needs flush k + 1, which starts when k ends and covers every
 request that arrived meanwhile -- with N clients committing at once, one
 flush (pack fdatasync, LMDB commit, environment sync) answers all of them.
+A flush takes the buffered writes of the files its requests named (an
+fsync is about one file, like on a local filesystem: PostgreSQL's WAL fsync
+does not wait for the data pages it will fsync at the next checkpoint);
+the periodic and background flushes, `flush` and unmount take every file.
+Namespace changes are committed when they happen, so every flush that has
+anything to do also syncs the environment.
 
 A request is answered with the outcome of the flush it needed: success, or
 ENOSPC (the writes are buffered again; a later fsync may succeed honestly),
@@ -40,6 +46,8 @@ class GroupCommitter:
         self._running: Optional[trio.Event] = None
         self._failures: dict[int, FsError] = {}
         self._background_pending = False
+        # Inodes the next flush must take; None: every buffered write.
+        self._wanted: Optional[set[int]] = set()
         self.requests = 0                 # sync() calls (for `stats`)
         fs.background_flush = self.flush_in_background
 
@@ -54,15 +62,18 @@ class GroupCommitter:
     async def _background(self) -> None:
         self._background_pending = False
         if self._running is None:
+            self._want(None)
             await self._flush()
         # A failure is logged by the filesystem and stays with the volume:
         # ENOSPC leaves the data buffered for the next fsync, anything else
         # stops the volume, so the next fsync fails (rule 3).
 
-    async def sync(self) -> None:
-        """Return once every write acknowledged before the call is durable."""
+    async def sync(self, ino: Optional[int] = None) -> None:
+        """Return once the writes to `ino` (None: to every file) acknowledged
+        before the call, and every namespace change, are durable."""
         self.requests += 1
         needed = self._started + 1
+        self._want(ino)
         while self._finished < needed:
             if self._running is None:
                 await self._flush()
@@ -72,13 +83,21 @@ class GroupCommitter:
         if failure is not None:
             raise FsError(failure.errno, failure.args[1])
 
+    def _want(self, ino: Optional[int]) -> None:
+        if self._wanted is not None:
+            if ino is None:
+                self._wanted = None
+            else:
+                self._wanted.add(ino)
+
     async def _flush(self) -> None:
         self._started += 1
         number = self._started
         self._running = done = trio.Event()
+        wanted, self._wanted = self._wanted, set()
         outcome_known = False
         try:
-            job = self.fs.begin_flush()
+            job = self.fs.begin_flush(wanted)
             if job.entries or job.sync_env:
                 await _run_in_thread(job)
             else:

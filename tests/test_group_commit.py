@@ -223,3 +223,37 @@ def test_writing_more_than_the_dirty_limit_flushes_in_the_background(store, work
     finally:
         mount.close()
     fsck_clean(store)
+
+
+def test_an_fsync_flushes_its_own_file_not_the_others(store, workdir):
+    """Like a local filesystem: fsync(B) makes B durable and leaves A's
+    buffered writes to A's own fsync (or the periodic commit, or unmount)."""
+    mount, _arm = slow_mount(store, workdir)      # not armed; no periodic commit
+    a, b = os.path.join(mount.path, "a"), os.path.join(mount.path, "b")
+    a_data, b_data = os.urandom(4 * CHUNK), os.urandom(3 * CHUNK)
+    try:
+        with open(a, "wb") as f:
+            f.write(a_data)                       # close hands it to the daemon, buffered
+        held = daemon_stats(store)["dirty_bytes"]
+        assert held >= 4 * CHUNK
+        with open(b, "wb") as f:
+            f.write(b_data)
+            os.fsync(f.fileno())
+        assert daemon_stats(store)["dirty_bytes"] == held, "fsync(b) flushed a as well"
+        fd = os.open(mount.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)                          # fsyncdir: namespace only
+        finally:
+            os.close(fd)
+        assert daemon_stats(store)["dirty_bytes"] == held
+        with open(a, "rb+") as f:
+            os.fsync(f.fileno())
+        assert daemon_stats(store)["dirty_bytes"] == 0
+        mount.kill9()                             # both were fsynced: both survive
+        mount.mount()
+        for path, data in ((a, a_data), (b, b_data)):
+            with open(path, "rb") as f:
+                assert f.read() == data
+    finally:
+        mount.close()
+    fsck_clean(store)
