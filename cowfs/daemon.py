@@ -23,7 +23,7 @@ from typing import Optional
 import pyfuse3
 import trio
 
-from . import admin, control, policy, snapshots, volumes
+from . import admin, control, policy, schema, snapshots, volumes
 from .errors import BusyError, CowfsError, NotFoundError, StoreIOError, UsageError
 from .filesystem import Filesystem
 from .fuse_ops import FuseOps
@@ -195,11 +195,7 @@ async def _scheduled_step(fs: Filesystem, mountpoint: str) -> Optional[policy.Po
     with fs.env.begin() as txn:
         name = admin.free_snapshot_name(txn, fs.env, fs.vol_id, policy.auto_name(time.time_ns()))
         vol_name = volumes.volume_record(txn, fs.env, fs.vol_id)["name"]
-    gen = fs.snapshot(name)
-    # A second commit: a crash in between leaves a manual-looking snapshot,
-    # which is never pruned by surprise (the safe side).
-    with fs.env.begin(write=True) as txn:
-        snapshots.mark_auto(txn, fs.env, fs.vol_id, gen)
+    fs.snapshot(name, flags=schema.SNAP_FLAG_AUTO)
     result = admin.prune_volume(fs.store, fs.vol_id, vol_name)
     log.info("scheduled snapshot %s@%s; pruned %d (%d bytes freed)%s", vol_name, name,
              len(result["destroy"]), result["frees_bytes"],

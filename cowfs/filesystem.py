@@ -542,15 +542,17 @@ class Filesystem:
         with self._change(flush=[self.inodes[ino] for ino in self.dirty_inos]):
             pass
 
-    def snapshot(self, name: str) -> int:
+    def snapshot(self, name: str, flags: int = 0) -> int:
         """Flush and record a snapshot in one transaction (rule 5); returns its gen.
 
         The caller first makes the kernel hand over its cached writes (syncfs).
+        flags: schema.SNAP_FLAG_AUTO for a scheduled snapshot, recorded in the
+        same transaction (a crash never leaves it looking manual).
         """
         self._settle_inflight()     # a failed job's writes are buffered again: take them too
         dirty = [self.inodes[ino] for ino in self.dirty_inos]
         with self._change(flush=dirty) as ch:
-            gen = snapshots.take(ch.txn, self.env, self.vol_id, name)
+            gen = snapshots.take(ch.txn, self.env, self.vol_id, name, flags=flags)
         self._sync_metadata()       # rule 5: durable when the command returns
         # Chunk maps of the flush above were written at `gen`, inside the
         # snapshot; from now on writes create new versions at gen + 1.

@@ -118,13 +118,6 @@ def clone(txn, env, vol_id: int, gen: int, new_name: str) -> int:
     return new_id
 
 
-def mark_auto(txn, env, vol_id: int, gen: int) -> None:
-    """Flag a snapshot as taken by a schedule (prunable by the volume's policy)."""
-    record = schema.unpack_snapshot(txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots))
-    txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(
-        record["created_ns"], record["name"], record["flags"] | schema.SNAP_FLAG_AUTO), db=env.snapshots)
-
-
 # --- holds ------------------------------------------------------------------------------------
 # A hold is keyed by (volume, generation), so renaming a held snapshot keeps it held.
 
