@@ -308,6 +308,15 @@ class ChunkBatch:
         self._writers.clear()
         self._store._close_retired()
 
+    def prepare_commit(self) -> None:
+        """Call before the commit's write transaction opens. A chunk this
+        batch found in the store (a dedup hit) may be freed by another
+        process before `apply`, which then appends it again; a pack writer
+        must exist by then, as starting a pack inside the transaction would
+        take a second write transaction."""
+        if len(self._data) > len(self._located):
+            self._store._active_writer()
+
     def ref(self, chunk_id: bytes) -> None:
         self._delta[chunk_id] += 1
 

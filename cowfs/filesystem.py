@@ -63,9 +63,22 @@ FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 LMDB_FULL_DISK_SLACK_BYTES = 1 << 20
 
 
+class MetadataSyncError(OSError):
+    """Syncing the LMDB environment failed: like a failed pack sync, the
+    kernel may have dropped pages of earlier commits, so it never counts as
+    a full disk that a retry could honestly fix (rule 3)."""
+
+
+def sync_environment(env) -> None:
+    try:
+        env.lmdb.sync(True)
+    except lmdb.Error as exc:
+        raise MetadataSyncError(errno.EIO, f"syncing the metadata failed: {exc}") from exc
+
+
 def is_full_disk(exc: BaseException, meta_dir: str) -> bool:
     """Did a flush fail only for lack of space, with nothing acknowledged lost?"""
-    if isinstance(exc, PackSyncError):
+    if isinstance(exc, (PackSyncError, MetadataSyncError)):
         return False             # rule 3: a failed sync is never retried into a success
     if isinstance(exc, lmdb.MapFullError):
         return True
@@ -146,7 +159,7 @@ class FlushJob:
             if self.sync_env:
                 # The daemon's environment skips the meta-page flush at
                 # commit (schema.Env metasync=False): sync before answering.
-                self.env.lmdb.sync(True)
+                sync_environment(self.env)
         except BaseException as exc:      # handed to the loop by finish_flush
             self.error = exc
         finally:
@@ -158,6 +171,7 @@ class FlushJob:
                    stage_buffers(frozen, attrs["size"], self.chunk_size, batch))
                   for inode, frozen, attrs in self.entries]
         batch.sync()                                    # rule 1
+        batch.prepare_commit()
         txn = self.env.begin(write=True)
         try:
             for ino, attrs, target, chunk_ids in staged:
@@ -213,7 +227,7 @@ class ReadPlan:
 
 class Inode:
     __slots__ = ("ino", "attrs", "target", "lookups", "opens", "dirty", "flushing",
-                 "attrs_dirty", "purged")
+                 "in_job", "attrs_dirty", "purged")
 
     def __init__(self, ino: int, attrs: dict, target: bytes = b""):
         self.ino = ino
@@ -225,6 +239,9 @@ class Inode:
         # Buffers frozen into the FlushJob in flight (read-only until it ends);
         # newer writes go to `dirty`, which reads consult first.
         self.flushing: dict[int, bytearray] = {}
+        # Part of the FlushJob in flight (even with attributes only): it must
+        # stay the cached object, or a reload would show the old record.
+        self.in_job = False
         self.attrs_dirty = False
         self.purged = False                # records deleted; only kernel references remain
 
@@ -328,8 +345,9 @@ class Filesystem:
 
     def _maybe_evict(self, inode: Inode) -> None:
         if (inode.lookups <= 0 and inode.opens <= 0 and inode.ino not in self.dirty_inos
-                and not inode.flushing and inode.ino != schema.ROOT_INO):
-            self.inodes.pop(inode.ino, None)
+                and not inode.in_job and inode.ino != schema.ROOT_INO
+                and self.inodes.get(inode.ino) is inode):
+            del self.inodes[inode.ino]
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -380,6 +398,7 @@ class Filesystem:
             for inode, idx, data in extra_chunks:
                 extra.setdefault(inode.ino, (inode, {}))[1][idx] = None if is_zero(data) else batch.add(data)
             batch.sync()                                # rule 1
+            batch.prepare_commit()
         txn = self.env.begin(write=True)
         try:
             change = _Change(self, txn, batch, {inode.ino for inode in flush})
@@ -426,11 +445,11 @@ class Filesystem:
         self._settle_inflight()
         if self.stopped is not None:
             raise VolumeStoppedError(self.stopped)     # rule 3: never a late success
-        chosen = list(self.dirty_inos if inos is None else self.dirty_inos & inos)
+        chosen = [self.inodes[ino]         # look up all first: nothing below may raise
+                  for ino in (self.dirty_inos if inos is None else self.dirty_inos & inos)]
         entries = []
-        for ino in chosen:
-            self.dirty_inos.discard(ino)
-            inode = self.inodes[ino]
+        for inode in chosen:
+            self.dirty_inos.discard(inode.ino)
             if inode.purged:
                 # Its records are gone (a late setattr after the last close):
                 # writing them again would leak an unreachable inode.
@@ -440,6 +459,7 @@ class Filesystem:
             entries.append((inode, inode.dirty, dict(inode.attrs)))
             inode.flushing, inode.dirty = inode.dirty, {}
             inode.attrs_dirty = False
+            inode.in_job = True
         job = FlushJob(self, entries, list(self.chain),
                        sync_env=bool(entries) or self.unsynced_commits > 0)
         self.unsynced_commits = 0
@@ -468,6 +488,7 @@ class Filesystem:
         self.dirty_bytes -= len(frozen) * self.chunk_size
         if inode.flushing is frozen:
             inode.flushing = {}
+        inode.in_job = False
         self._maybe_evict(inode)
 
     def _rebuffer(self, job: FlushJob) -> None:
@@ -477,6 +498,7 @@ class Filesystem:
             newer = inode.dirty
             inode.dirty = frozen
             inode.flushing = {}
+            inode.in_job = False
             for idx, buf in newer.items():     # written during the flush: newer bytes
                 if idx in frozen:
                     self.dirty_bytes -= self.chunk_size
@@ -572,7 +594,7 @@ class Filesystem:
     def _sync_metadata(self) -> None:
         # A failed sync stops the volume like a failed commit (rule 3).
         with self._flush_guard():
-            self.env.lmdb.sync(True)
+            sync_environment(self.env)
         self.unsynced_commits = 0
 
     # --- attributes ------------------------------------------------------------------

@@ -143,5 +143,12 @@ async def _run_in_thread(job: FlushJob) -> None:
         except trio.RunFinishedError:
             pass                          # the daemon stopped serving; settled at unmount
 
-    trio.lowlevel.start_thread_soon(job.run, wake, name=f"cowfs flush {id(job):x}")
+    try:
+        trio.lowlevel.start_thread_soon(job.run, wake, name=f"cowfs flush {id(job):x}")
+    except RuntimeError:
+        # No thread to be had (resource limits): the job must still end,
+        # or the next commit on the loop would wait for it forever.
+        log.warning("no worker thread for a flush; running it on the event loop")
+        job.run()
+        return
     await ended.wait()

@@ -10,10 +10,13 @@ transaction allocated and freed again (a big delete) count in
 ``mm_last_pg`` but are never written, so a healthy file can be shorter. When
 the quick test fails, `file_problem` walks every B-tree (the main database,
 each named database, the free-page database) with plain reads and reports
-damage only if a *referenced* page lies beyond the end. A clean walk then
-extends the file to ``mm_last_pg`` (``posix_fallocate`` never shrinks a file
-and only fills holes, so a concurrent writer's pages are untouched), and the
-next open takes the quick path again.
+damage only if a *referenced* page lies beyond the end. Other processes may
+commit meanwhile and reuse pages of the tree being walked, so a failed walk
+counts only if the newest meta page did not change during it; otherwise it
+is walked again. A clean walk then extends the file to ``mm_last_pg`` with
+the fallocate system call (never glibc's emulation, which rewrites bytes:
+racy beside a writer), from its current end only, and ignores a failure (a
+full disk): the extension only makes the next open take the quick path.
 
 Layout (lmdb.h / mdb.c, 64-bit): a page starts with pgno u64, pad u16,
 flags u16, lower u16, upper u16 (an overflow page has a u32 page count in
@@ -25,11 +28,18 @@ its last u64 field (with F_DUPDATA alone the data is an inline sub-page,
 which refers to no other page).
 """
 
+import ctypes
+import errno
+import logging
 import os
 import struct
 from typing import Optional
 
+log = logging.getLogger(__name__)
+
 MAGIC = 0xBEEFC0DE
+DATA_VERSION = 1                             # LMDB 0.9's data format (mm_version)
+WALK_ATTEMPTS = 5
 P_INVALID = (1 << 64) - 1
 # After the 16-byte page header: mm_magic, mm_version, mm_address, mm_mapsize,
 # mm_dbs[FREE] (md_pad holds the page size; md_root is its last field),
@@ -69,39 +79,59 @@ def file_problem(data_path: str, repair_size: bool = True) -> Optional[str]:
 
 
 def _check(fd: int, data_path: str, repair_size: bool) -> Optional[str]:
-    meta = _newest_meta(os.pread(fd, 2 * 65536, 0))
-    if meta is None:
-        return f"{data_path} has no valid LMDB meta page"
-    page_size, free_root, main_root, last_pg = meta
-    size_bytes = os.fstat(fd).st_size
-    needed_bytes = (last_pg + 1) * page_size
-    if size_bytes >= needed_bytes:
+    for _ in range(WALK_ATTEMPTS):
+        meta = _newest_meta(os.pread(fd, 2 * 65536, 0))
+        if meta is None:
+            return f"{data_path} has no valid LMDB meta page"
+        version, txnid, page_size, free_root, main_root, last_pg = meta
+        if version != DATA_VERSION:
+            return (f"{data_path} uses LMDB data format {version}; this cowfs reads format "
+                    f"{DATA_VERSION}")
+        size_bytes = os.fstat(fd).st_size
+        needed_bytes = (last_pg + 1) * page_size
+        if size_bytes >= needed_bytes:
+            return None
+        try:
+            _Walk(fd, page_size, size_bytes).run([free_root, main_root])
+        except (_Damaged, struct.error) as exc:
+            again = _newest_meta(os.pread(fd, 2 * 65536, 0))
+            if again is not None and again[1] != txnid:
+                continue            # a commit reused pages under the walk: walk the new tree
+            return (f"{data_path} is truncated or damaged ({exc}; "
+                    f"the file has {size_bytes} bytes, its meta page names {needed_bytes})")
+        if repair_size:
+            _extend(fd, size_bytes, needed_bytes)
         return None
-    try:
-        _Walk(fd, page_size, size_bytes).run([free_root, main_root])
-    except _Damaged as exc:
-        return (f"{data_path} is truncated or damaged ({exc}; the file has {size_bytes} bytes, "
-                f"its meta page names {needed_bytes})")
-    if repair_size:
-        os.posix_fallocate(fd, 0, needed_bytes)
-    return None
+    return None        # committing all the time, each walk of a new tree: a live, working store
+
+
+def _extend(fd: int, size_bytes: int, needed_bytes: int) -> None:
+    """Allocate [size, needed) with fallocate(2) itself; never shrinks, never
+    rewrites, may fail (full disk, unsupported): then the next open walks again."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, 0, size_bytes, needed_bytes - size_bytes) != 0:
+        code = ctypes.get_errno()
+        log.info("data.mdb not extended (%s); harmless", errno.errorcode.get(code, code))
 
 
 def _newest_meta(head: bytes):
-    """(page size, free root, main root, last page) of the newest valid meta page."""
+    """(version, txnid, page size, free root, main root, last page) of the
+    newest valid meta page, or None."""
     metas = []
     for page_size in (4096, 8192, 16384, 32768, 65536):
         for at in (0, page_size):
             if at + PAGE_HEADER_BYTES + _META.size <= len(head):
-                magic, _version, psize, free_root, main_root, last_pg, txnid = \
+                magic, version, psize, free_root, main_root, last_pg, txnid = \
                     _META.unpack_from(head, at + PAGE_HEADER_BYTES)
                 if magic == MAGIC and psize == page_size:
-                    metas.append((txnid, psize, free_root, main_root, last_pg))
+                    metas.append((txnid, version, psize, free_root, main_root, last_pg))
         if metas:
             break
     if not metas:
         return None
-    return max(metas)[1:]
+    txnid, version, psize, free_root, main_root, last_pg = max(metas)
+    return version, txnid, psize, free_root, main_root, last_pg
 
 
 class _Walk:

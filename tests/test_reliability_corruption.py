@@ -180,26 +180,34 @@ def test_unknown_format_version_is_refused_by_every_command(store, workdir):
         assert "format version 2" in one_line_refusal(store, command, *args)
 
 
-def test_a_big_delete_leaves_a_short_but_healthy_data_file_that_opens(store, workdir):
-    """One transaction that frees thousands of chunk entries leaves data.mdb
-    shorter than its meta page's last page (pages allocated and freed in the
-    same transaction are never written). That is not damage: every command
-    must still open the store, and the check extends the file once."""
+def test_a_big_delete_leaves_a_short_but_healthy_data_file_that_opens(store):
+    """One transaction that frees thousands of chunk entries (a big unlink,
+    destroy or gc) leaves data.mdb shorter than its meta page's last page:
+    pages allocated and freed inside a transaction are never written. That is
+    not damage: every command must still open the store, and the check
+    extends the file once. Built with the chunk store directly, so that no
+    other commit (a daemon's periodic one) reuses the pages in between."""
     from cowfs import lmdb_check
-    mount = Mount(store, os.path.join(workdir, "mnt")).mount()
+    from cowfs.store import Store
+    opened = Store.open(store)
     try:
-        with open(f"{mount.path}/big", "wb") as f:
-            f.write(os.urandom(6000 * CHUNK_BYTES))
-            os.fsync(f.fileno())
-        mount.umount()
-        mount.mount()
-        os.unlink(f"{mount.path}/big")         # frees every chunk in one commit
-        mount.umount()
+        batch = opened.chunks.batch()
+        chunk_ids = batch.add_many([os.urandom(64) for _ in range(3000)])
+        batch.sync()                                    # rule 1
+        with opened.env.begin(write=True) as txn:
+            for chunk_id in chunk_ids:
+                batch.ref(chunk_id)
+            batch.apply(txn)
+        batch = opened.chunks.batch()
+        with opened.env.begin(write=True) as txn:       # frees all 3000 entries at once
+            for chunk_id in chunk_ids:
+                batch.unref(chunk_id)
+            batch.apply(txn)
     finally:
-        mount.close()
+        opened.close()
     data = os.path.join(store, "meta", "data.mdb")
     with open(data, "rb") as f:
-        page_size, _free, _main, last_pg = lmdb_check._newest_meta(f.read(2 * 65536))
+        _version, _txnid, page_size, _free, _main, last_pg = lmdb_check._newest_meta(f.read(2 * 65536))
     assert os.path.getsize(data) < (last_pg + 1) * page_size, "precondition: a short file"
     for command in ("list", "df"):
         cowfs(command, store)
