@@ -211,19 +211,9 @@ class ChunkBatch:
     def add(self, data) -> bytes:
         """Make `data` storable in this batch; returns its chunk id.
 
-        `add_many` of one item (same rules for `data`), without its list
-        handling: callers that stage chunk by chunk use this.
+        `add_many` of one item (same rules for `data`).
         """
-        self._check_usable()
-        chunk_id = _digest(data)
-        if chunk_id in self._data:
-            return chunk_id
-        self._data[chunk_id] = data if type(data) is bytes else bytes(data)
-        with self._env.begin() as txn:
-            known = txn.get(chunk_id, db=self._env.chunks) is not None
-        if not known:
-            self._append_all((chunk_id,))
-        return chunk_id
+        return self.add_many((data,))[0]
 
     def add_many(self, datas, stable: bool = False) -> list[bytes]:
         """Make each of `datas` storable in this batch; returns their chunk
@@ -286,7 +276,8 @@ class ChunkBatch:
         # even past its target size, because starting a new pack opens a
         # write transaction of its own (`_allocate_pack_id`), which LMDB
         # refuses while ours is open on the same thread (the commit would
-        # fail). Only a process without a usable writer still gets there.
+        # fail). `prepare_commit` made sure a writer exists; only one that
+        # broke since still gets there.
         writer = self._store._writer
         if writer is None or writer.broken:
             writer = self._store._active_writer()

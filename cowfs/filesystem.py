@@ -249,6 +249,12 @@ class Inode:
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.attrs["mode"])
 
+    def buffered(self, idx: int) -> Optional[bytearray]:
+        """The newest buffered bytes of chunk `idx` (written, or frozen in the
+        flush in flight), or None if the store has the current version."""
+        buf = self.dirty.get(idx)
+        return self.flushing.get(idx) if buf is None else buf
+
 
 class _Change:
     """One namespace transaction: pending attribute copies, applied after commit."""
@@ -448,14 +454,8 @@ class Filesystem:
         chosen = [self.inodes[ino]         # look up all first: nothing below may raise
                   for ino in (self.dirty_inos if inos is None else self.dirty_inos & inos)]
         entries = []
-        for inode in chosen:
+        for inode in chosen:         # never purged ones: `_mark_dirty` keeps them out
             self.dirty_inos.discard(inode.ino)
-            if inode.purged:
-                # Its records are gone (a late setattr after the last close):
-                # writing them again would leak an unreachable inode.
-                self.dirty_bytes -= len(inode.dirty) * self.chunk_size
-                inode.dirty = {}
-                continue
             entries.append((inode, inode.dirty, dict(inode.attrs)))
             inode.flushing, inode.dirty = inode.dirty, {}
             inode.attrs_dirty = False
@@ -695,9 +695,7 @@ class Filesystem:
         return self.store.chunks.read(txn, chunk_id)
 
     def _chunk_bytes(self, inode: Inode, idx: int) -> bytes:
-        buf = inode.dirty.get(idx)
-        if buf is None:
-            buf = inode.flushing.get(idx)
+        buf = inode.buffered(idx)
         if buf is not None:
             return bytes(buf)
         with self.env.begin() as txn:
@@ -718,9 +716,7 @@ class Filesystem:
         wanted_idx, wanted_ids = [], []
         with self.env.begin() as txn:
             for idx in range(offset // cs, (end - 1) // cs + 1):
-                buf = inode.dirty.get(idx)
-                if buf is None:
-                    buf = inode.flushing.get(idx)
+                buf = inode.buffered(idx)
                 if buf is not None:
                     plan.memory[idx] = bytes(buf)
                     continue
