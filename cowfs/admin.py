@@ -10,7 +10,7 @@ import time
 from typing import Optional
 
 from . import control, policy, schema, snapshots, volumes
-from .errors import BusyError, UsageError
+from .errors import BusyError, CowfsError, UsageError
 from .store import Store
 
 
@@ -92,6 +92,7 @@ def destroy(store: Store, target: str) -> str:
                 message = snapshots.destroy_snapshot(txn, store.env, vol_id, vol, snap, batch)
                 batch.apply(txn)
             _drop_lock_file(store, vol_id, gen)
+        store.chunks.reclaim(batch.freed_locations)      # the space comes back now, not at gc
         return message
     with _require_unmounted(store, vol_id, vol, "destroying it"):
         locks = _lock_all_snapshots(store, vol_id, vol)
@@ -104,6 +105,7 @@ def destroy(store: Store, target: str) -> str:
         finally:
             for lock in locks.values():
                 lock.release()
+    store.chunks.reclaim(batch.freed_locations)
     return message
 
 
@@ -133,6 +135,7 @@ def rollback(store: Store, target: str) -> str:
         with store.env.begin(write=True) as txn:
             message = snapshots.rollback(txn, store.env, vol_id, vol, snap, batch)
             batch.apply(txn)
+    store.chunks.reclaim(batch.freed_locations)
     return message
 
 
@@ -307,6 +310,7 @@ def _destroy_locked(store: Store, vol_id: int, vol: str, locked: list, skipped: 
             snapshots.destroy_snapshot(txn, store.env, vol_id, vol, info.name, batch)
             destroyed.append(_plan_row(vol, info))
         batch.apply(txn)
+    store.chunks.reclaim(batch.freed_locations)
     return dict(volume=vol, dry_run=False, destroy=destroyed, frees_bytes=frees, skipped=skipped)
 
 
@@ -358,6 +362,25 @@ def flush_if_mounted(store: Store, vol_id: int) -> bool:
         lock.release()
         return False
     return True
+
+
+# --- gc ----------------------------------------------------------------------------------------
+
+def collect_garbage(store: Store, min_dead_fraction: float) -> dict:
+    """gc, after asking every mounted volume's daemon to close the pack it
+    appends to: gc cannot touch that pack, and after a big delete it may
+    hold most of the dead bytes."""
+    import os
+    from . import gc
+    with store.env.begin() as txn:
+        vol_ids = [vol_id for _name, vol_id in volumes.list_volumes(txn, store.env)]
+    for vol_id in vol_ids:
+        if os.path.exists(os.path.join(store.run_dir, control.socket_name(vol_id))):
+            try:
+                control.request(store.run_dir, vol_id, dict(op="release-pack"), timeout_s=60.0)
+            except CowfsError:
+                pass        # a crashed daemon's socket, or one too busy: its pack waits
+    return gc.collect(store, min_dead_fraction)
 
 
 # --- diff ---------------------------------------------------------------------------------------
@@ -446,8 +469,12 @@ def _policy_text(txn, env, vol_id: int) -> Optional[str]:
 
 
 def df(store: Store) -> dict:
-    """Store totals and, per volume and snapshot, the exact bytes destroying it frees."""
-    import os
+    """Store totals, what holds space, and per volume and snapshot the exact
+    bytes destroying it frees.
+
+    `snapshot_held_bytes`: chunk bytes that only snapshots still reference
+    (deleted or overwritten in every volume head since): destroying every
+    snapshot without clones frees exactly this much."""
     env = store.env
     with env.begin() as txn:
         chunk_bytes = referenced = chunks = 0
@@ -456,14 +483,19 @@ def df(store: Store) -> dict:
             chunk_bytes += length
             referenced += length * refcount
             chunks += 1
-        items = []
+        items, snapshot_held = [], 0
         for name, vol_id in volumes.list_volumes(txn, env):
             items.append(dict(name=name, frees_bytes=snapshots.would_free_volume(txn, env, vol_id)))
+            gens = []
             for gen, snap in snapshots.snapshots_of(txn, env, vol_id):
                 if snap["name"]:
+                    gens.append(gen)
                     items.append(dict(name=f"{name}@{snap['name']}",
                                       frees_bytes=snapshots.would_free_snapshot(txn, env, vol_id, gen)))
-    pack_bytes = sum(os.path.getsize(store.packs.path(p)) for p in store.packs.pack_ids())
+            snapshot_held += snapshots.would_free_snapshots(txn, env, vol_id, gens) if gens else 0
+    pack_bytes = sum(store.packs.disk_bytes(p) for p in store.packs.pack_ids())
     return dict(chunk_bytes=chunk_bytes, chunks=chunks, referenced_bytes=referenced,
                 pack_bytes=pack_bytes, garbage_bytes=max(pack_bytes - chunk_bytes, 0),
+                snapshot_held_bytes=snapshot_held,
+                filesystem=store.packs.space.figures(),
                 dedup_ratio=round(referenced / chunk_bytes, 3) if chunk_bytes else 1.0, items=items)

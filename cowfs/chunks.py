@@ -28,7 +28,7 @@ import collections
 import xxhash
 
 from . import schema
-from .errors import ChunkDamagedError
+from .errors import ChunkDamagedError, ChunkGoneError
 from .packs import PackStore, PackWriter
 
 _ZEROS = bytes(schema.MAX_CHUNK_SIZE)
@@ -63,22 +63,40 @@ class ChunkStore:
 
     def read(self, txn, chunk_id: bytes) -> bytes:
         """The bytes of a chunk, verified against its id (never wrong bytes)."""
-        raw = txn.get(chunk_id, db=self.env.chunks)
-        if raw is None:
-            raise ChunkDamagedError(f"chunk {chunk_id.hex()} is referenced but not in the chunk index")
-        pack_id, offset, length, _refcount = schema.unpack_chunk(raw)
+        pack_id, offset, length = self._locate(txn, chunk_id)
         try:
-            try:
-                data = self.packs.read(pack_id, offset, length)
-            except FileNotFoundError:
-                # gc moved the chunk and removed the pack after our lookup.
-                with self.env.begin() as fresh:
-                    pack_id, offset, length, _refcount = schema.unpack_chunk(
-                        fresh.get(chunk_id, db=self.env.chunks) or raw)
-                data = self.packs.read(pack_id, offset, length)
+            data = self.packs.read(pack_id, offset, length)
+        except FileNotFoundError:
+            return self._read_again(chunk_id, pack_id, offset)   # gc removed the pack
         except OSError as exc:
             raise ChunkDamagedError(f"chunk {chunk_id.hex()} in pack {pack_id:08x}: {exc}") from exc
-        _verify(chunk_id, data, pack_id, offset)
+        return self._checked(chunk_id, data, pack_id, offset)
+
+    def _checked(self, chunk_id: bytes, data: bytes, pack_id: int, offset: int) -> bytes:
+        """`data` if it hashes to `chunk_id`, else what a fresh lookup finds."""
+        if chunk_id_of(data) == chunk_id:
+            return data
+        return self._read_again(chunk_id, pack_id, offset)
+
+    def _read_again(self, chunk_id: bytes, pack_id: int, offset: int) -> bytes:
+        """The chunk was not found where it was located. gc may have moved it
+        (the pack is gone, or the old range punched out), or the chunk was
+        freed since it was located and gc reclaimed its bytes (the reader's
+        file changed meanwhile: `ChunkGoneError`, the read is planned again).
+        Still indexed at the same place: real damage (never wrong bytes)."""
+        with self.env.begin() as txn:
+            raw = txn.get(chunk_id, db=self.env.chunks)
+        if raw is None:
+            raise ChunkGoneError(f"chunk {chunk_id.hex()} was freed while being read")
+        new_pack, new_offset, length, _refcount = schema.unpack_chunk(raw)
+        if (new_pack, new_offset) == (pack_id, offset):
+            raise ChunkDamagedError(f"chunk {chunk_id.hex()} in pack {pack_id:08x} at offset "
+                                    f"{offset} does not match its checksum")
+        try:
+            data = self.packs.read(new_pack, new_offset, length)
+        except OSError as exc:
+            raise ChunkDamagedError(f"chunk {chunk_id.hex()} in pack {new_pack:08x}: {exc}") from exc
+        _verify(chunk_id, data, new_pack, new_offset)
         return data
 
     def read_many(self, txn, chunk_ids: list[bytes]) -> list[bytes]:
@@ -119,24 +137,21 @@ class ChunkStore:
             span = self.packs.read(pack_id, first_offset, last_offset + last_length - first_offset)
         except FileNotFoundError:
             # gc moved the chunks and removed the pack after they were located.
-            with self.env.begin() as txn:
-                return [self.read(txn, chunk_id) for chunk_id, _, _, _ in run]
+            return [self._read_again(chunk_id, pack_id, offset) for chunk_id, _, offset, _ in run]
         except OSError as exc:
             raise ChunkDamagedError(f"chunks at {first_offset}.. in pack {pack_id:08x}: {exc}") from exc
         if len(run) == 1:
-            _verify(run[0][0], span, pack_id, first_offset)
-            return [span]
-        pieces = []
-        for chunk_id, _, offset, length in run:
-            data = span[offset - first_offset: offset - first_offset + length]
-            _verify(chunk_id, data, pack_id, offset)
-            pieces.append(data)
-        return pieces
+            return [self._checked(run[0][0], span, pack_id, first_offset)]
+        return [self._checked(chunk_id, span[offset - first_offset: offset - first_offset + length],
+                              pack_id, offset)
+                for chunk_id, _, offset, length in run]
 
     # --- writing ---------------------------------------------------------------
 
-    def batch(self) -> "ChunkBatch":
-        return ChunkBatch(self)
+    def batch(self, use_reserve: bool = False) -> "ChunkBatch":
+        """use_reserve: this batch may write into the space reserve (for
+        changes that free more than they write: a truncate, gc)."""
+        return ChunkBatch(self, use_reserve)
 
     def _active_writer(self) -> PackWriter:
         writer = self._writer
@@ -165,6 +180,22 @@ class ChunkStore:
                 else:
                     writer.close()
             self._retired = still_dirty
+
+    def reclaim(self, locations: list[tuple[int, int, int]], synced: bool = False) -> int:
+        """Give the disk blocks of freed chunk entries back to the filesystem
+        now, instead of at the next gc; returns the bytes given back.
+
+        Rule 4: the commit that freed them must be durable first: unless the
+        caller just synced the environment (`synced`), this syncs it (a
+        mount daemon commits without flushing the meta page). A freed entry
+        is never used again (the same bytes written later are appended
+        anew), and a reader that located it before finds it gone and plans
+        again (`ChunkGoneError`)."""
+        if not locations:
+            return 0
+        if not synced:
+            self.env.lmdb.sync(True)
+        return self.packs.punch_entries(locations)
 
     def _allocate_pack_id(self) -> int:
         with self.env.begin(write=True) as txn:
@@ -199,9 +230,12 @@ class ChunkBatch:
     abandon it and start a new one, as the callers do.
     """
 
-    def __init__(self, store: ChunkStore):
+    def __init__(self, store: ChunkStore, use_reserve: bool = False):
         self._store = store
         self._env = store.env
+        self._use_reserve = use_reserve
+        self.freed_bytes = 0       # chunk bytes whose last reference `apply` dropped
+        self.freed_locations: list[tuple[int, int, int]] = []    # their (pack, offset, length)
         self._data: dict[bytes, bytes] = {}                      # chunk_id -> bytes added
         self._located: dict[bytes, tuple[int, int, int]] = {}    # chunk_id -> pack, offset, length
         self._writers: set[PackWriter] = set()                   # appended to, not yet synced
@@ -264,7 +298,8 @@ class ChunkBatch:
                     writer = store._active_writer()     # retires the full one until we sync it
                     writers.add(writer)
                 chunk = data[chunk_id]
-                located[chunk_id] = (writer.pack_id, writer.append_deferred(chunk_id, chunk),
+                located[chunk_id] = (writer.pack_id,
+                                     writer.append_deferred(chunk_id, chunk, self._use_reserve),
                                      len(chunk))
         except BaseException as exc:
             self._fail(exc)
@@ -283,7 +318,8 @@ class ChunkBatch:
             writer = self._store._active_writer()
         self._writers.add(writer)
         chunk = self._data[chunk_id]
-        location = (writer.pack_id, writer.append_deferred(chunk_id, chunk), len(chunk))
+        location = (writer.pack_id, writer.append_deferred(chunk_id, chunk, self._use_reserve),
+                    len(chunk))
         self._located[chunk_id] = location
         return location
 
@@ -323,6 +359,7 @@ class ChunkBatch:
         unpack_chunk, pack_chunk = schema.unpack_chunk, schema.pack_chunk
         located = self._located
         packs_delta: dict[int, list[int]] = {}       # pack_id -> [live bytes, live chunks] change
+        freed = []
         try:
             for chunk_id, delta in self._delta.items():
                 if not delta:
@@ -346,9 +383,12 @@ class ChunkBatch:
                     # only afterwards may gc reclaim the bytes.
                     delete(chunk_id, db=chunks_db)
                     _count(packs_delta, pack_id, length, -1)
+                    freed.append((pack_id, offset, length))
                 else:
                     put(chunk_id, pack_chunk(pack_id, offset, length, refcount), db=chunks_db)
             _apply_pack_stats(txn, self._env, packs_delta)
+            self.freed_locations = freed
+            self.freed_bytes = sum(length for _pack, _offset, length in freed)
         except BaseException as exc:
             self._fail(exc)
             raise

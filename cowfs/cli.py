@@ -134,7 +134,7 @@ def _add_snapshot_commands(sub) -> None:
     p = sub.add_parser("destroy", help="remove a snapshot VOL@SNAP or an unmounted volume VOL",
                        description="Remove a snapshot or an unmounted volume with its snapshots. "
                                    "Data a clone still needs stays (the snapshot just leaves the "
-                                   "list). Run 'cowfs gc' afterwards to shrink the packs.")
+                                   "list). The freed space is back when the command returns.")
     p.add_argument("store", metavar="STORE")
     p.add_argument("target", metavar="VOL|VOL@SNAP")
 
@@ -150,12 +150,21 @@ def _add_snapshot_commands(sub) -> None:
     p.add_argument("old", metavar="OLD")
     p.add_argument("new", metavar="NEW")
 
-    p = sub.add_parser("gc", help="reclaim pack space no longer referenced (safe while mounted)")
+    p = sub.add_parser(
+        "gc", help="reclaim pack space no longer referenced (safe while mounted, works when full)",
+        description="Remove packs without live chunks, compact packs with at least --min-dead "
+                    "dead space when their live part fits on the disk, and punch the dead ranges "
+                    "of the others out in place. Needs no free space, so it works on a full "
+                    "store; asks mounted volumes' daemons to close the packs they append to. "
+                    "Deleting files and destroying snapshots already give most space back by "
+                    "themselves; gc gets the rest. Exit code 7 when it freed nothing and the "
+                    "store is full of live data: then delete files or destroy snapshots "
+                    "('cowfs df STORE' names the snapshots that hold deleted data).")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--min-dead", type=float, default=0.25, metavar="FRACTION",
                    help="compact packs with at least this fraction of dead bytes (default 0.25)")
 
-    p = sub.add_parser("df", help="space: stored bytes, dedup ratio, what destroying each item frees")
+    p = sub.add_parser("df", help="space: free space levels, what snapshots hold, what destroying each item frees")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -218,11 +227,21 @@ def _list_notes(row: dict) -> str:
 
 
 def cmd_gc(args) -> int:
-    from . import gc
-    result = with_store(args, lambda store: gc.collect(store, args.min_dead))
+    from . import admin
+    result = with_store(args, lambda store: admin.collect_garbage(store, args.min_dead))
+    skipped = result["packs_skipped_no_space"]
+    full = result.pop("store_full")
     print(f"gc: packs {human(result['bytes_before'])} -> {human(result['bytes_after'])}; "
           f"{result['packs_removed']} packs removed, {result['packs_compacted']} compacted, "
-          f"{result['chunks_moved']} chunks moved")
+          f"{result['chunks_moved']} chunks moved, {result['packs_punched']} punched "
+          f"({human(result['bytes_punched'])} given back in place)"
+          + (f"; {skipped} not compacted for lack of space" if skipped else ""))
+    if full and result["bytes_after"] >= result["bytes_before"]:
+        print("cowfs: gc freed nothing and the store is full of live data"
+              + (f" ({skipped} pack(s) too full to compact)" if skipped else "")
+              + "; delete files or destroy snapshots ('cowfs df STORE' shows what frees space)",
+              file=sys.stderr)
+        return errors.EXIT_IO
     return 0
 
 
@@ -233,13 +252,25 @@ def cmd_df(args) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
+    fs = report["filesystem"]
+    print(f"filesystem     {human(fs['size_bytes'])}, {human(fs['free_bytes'])} free, of which "
+          f"{human(fs['reserve_bytes'])} kept for deleting and {human(fs['grace_bytes'])} for "
+          "finishing writes and crash recovery when the store fills")
     print(f"stored chunks  {human(report['chunk_bytes'])} in {report['chunks']} chunks; "
           f"packs on disk {human(report['pack_bytes'])} ({human(report['garbage_bytes'])} reclaimable "
           f"by gc); dedup ratio {report['dedup_ratio']}")
+    held = [item for item in report["items"] if "@" in item["name"] and item["frees_bytes"]]
+    print(f"held only by snapshots {human(report['snapshot_held_bytes'])}"
+          + (f": destroying frees it, e.g. {', '.join(_largest(held))}" if held else ""))
     print(f"{'NAME':<50} {'DESTROY FREES':>14}")
     for item in report["items"]:
         print(f"{item['name']:<50} {human(item['frees_bytes']):>14}")
     return 0
+
+
+def _largest(items: list[dict], count: int = 3) -> list[str]:
+    ranked = sorted(items, key=lambda item: item["frees_bytes"], reverse=True)[:count]
+    return [f"{item['name']} ({human(item['frees_bytes'])})" for item in ranked]
 
 
 def cmd_init(args) -> int:
@@ -332,6 +363,11 @@ def main(argv=None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `cowfs df STORE | head`: the reader went away; no traceback, and
+        # none at exit when Python flushes stdout again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return errors.EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def _add_prune(sub) -> None:
         description="Apply the retention rules of VOL's schedule now. With --dry-run nothing is "
                     "changed: the snapshots that would go are listed with the exact bytes their "
                     "removal frees together. Safe while VOL is mounted; a snapshot mounted "
-                    "read-only is skipped. Run 'cowfs gc' afterwards to shrink the packs.",
+                    "read-only is skipped. The freed space is back when the command returns.",
         epilog="Example: cowfs prune /srv/cowfs live --dry-run")
     p.add_argument("store", metavar="STORE")
     p.add_argument("volume", metavar="VOL")
@@ -195,8 +195,7 @@ def cmd_prune(args) -> int:
     if args.dry_run:
         print(f"prune {report['volume']}: would destroy {count} snapshots, freeing {size} bytes ({human(size)})")
     else:
-        print(f"prune {report['volume']}: destroyed {count} snapshots, freed {size} bytes ({human(size)}); "
-              "'cowfs gc' shrinks the packs")
+        print(f"prune {report['volume']}: destroyed {count} snapshots, freed {size} bytes ({human(size)})")
     return 0
 
 

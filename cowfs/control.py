@@ -6,7 +6,8 @@ directory, mode 0600; the daemon also checks the peer's credentials
 
 Protocol: one JSON object per line each way. Request ``{"op": ...}``;
 answer ``{"ok": true, ...}`` or ``{"ok": false, "error": msg, "exit_code": n}``.
-Ops: ``snapshot`` (name), ``flush``, ``stats``.
+Ops: ``snapshot`` (name), ``flush``, ``stats``, ``release-pack`` (close the
+pack the daemon appends to, so that gc can reclaim its dead bytes).
 
 Unix socket paths are limited to 107 bytes, store paths are not: both sides
 address the socket relative to the run directory (bind/connect after a

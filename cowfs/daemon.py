@@ -12,6 +12,7 @@ flush succeeded. Reading mountinfo never sends a request to a FUSE daemon,
 so a hung daemon cannot hang ``umount``.
 """
 
+import errno
 import json
 import logging
 import os
@@ -24,10 +25,11 @@ import pyfuse3
 import trio
 
 from . import admin, control, policy, schema, snapshots, volumes
-from .errors import BusyError, CowfsError, NotFoundError, StoreIOError, UsageError
+from .errors import BusyError, CowfsError, FsError, NotFoundError, StoreIOError, UsageError
 from .filesystem import Filesystem
 from .fuse_ops import FuseOps
 from .group_commit import GroupCommitter
+from .space_keeper import SpaceKeeper
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -203,9 +205,13 @@ async def _scheduled_step(fs: Filesystem, mountpoint: str) -> Optional[policy.Po
     return pol
 
 
-def _control_handler(fs: Filesystem, committer: GroupCommitter, mountpoint: str):
+def _control_handler(fs: Filesystem, committer: GroupCommitter, mountpoint: str,
+                     keeper: Optional[SpaceKeeper]):
     async def handle(request: dict) -> dict:
         op = request.get("op")
+        if op == "release-pack":
+            fs.release_pack()        # so that a `cowfs gc` can reach its dead bytes
+            return dict(ok=True)
         if op in ("snapshot", "flush"):
             # Every write acknowledged before this request is in the kernel's
             # cache or ours: take both (rule 5). syncfs runs in a thread, as
@@ -218,7 +224,8 @@ def _control_handler(fs: Filesystem, committer: GroupCommitter, mountpoint: str)
         if op == "stats":
             return dict(ok=True, pid=os.getpid(), dirty_bytes=fs.dirty_bytes,
                         cached_inodes=len(fs.inodes), head_gen=fs.chain[0][1],
-                        sync_requests=committer.requests, flush_jobs=fs.flush_jobs)
+                        sync_requests=committer.requests, flush_jobs=fs.flush_jobs,
+                        gc_runs=0 if keeper is None else keeper.runs)
         return dict(ok=False, error=f"unknown request {op!r}", exit_code=2)
     return handle
 
@@ -229,10 +236,13 @@ async def _serve(fs: Filesystem, committer: GroupCommitter, mountpoint: str, dev
         nursery.start_soon(_set_read_ahead, dev)
         nursery.start_soon(_periodic_flush, fs, committer, commit_interval_s)
         nursery.start_soon(_unmount_on_signal, mountpoint)
-        if listener is not None:
-            nursery.start_soon(control.serve, listener, _control_handler(fs, committer, mountpoint))
+        keeper = None
         if not fs.read_only:
+            keeper = SpaceKeeper(fs)
+            nursery.start_soon(keeper.run)
             nursery.start_soon(_scheduler, fs, mountpoint)
+        if listener is not None:
+            nursery.start_soon(control.serve, listener, _control_handler(fs, committer, mountpoint, keeper))
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -385,7 +395,15 @@ def _serve_until_unmounted(fs: Filesystem, committer: GroupCommitter, mnt: str, 
 
 def _final_flush(fs: Filesystem) -> Optional[str]:
     try:
-        fs.sync_all()      # rule 2: also the metadata of earlier namespace commits
+        try:
+            fs.sync_all()      # rule 2: also the metadata of earlier namespace commits
+        except FsError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            # The last chance for these writes: the grace (`space`) exists
+            # for exactly this.
+            fs.store.packs.space.open_grace()
+            fs.sync_all()
         return None
     except Exception as exc:
         # Rule 3: `cowfs umount` reports this (exit 7) instead of success.

@@ -80,6 +80,12 @@ class ChunkDamagedError(FsError):
         super().__init__(_errno.EIO, detail)
 
 
+class ChunkGoneError(ChunkDamagedError):
+    """A chunk located for a read was freed (and its bytes reclaimed by gc)
+    before the read got to it: the file changed meanwhile. Not damage: the
+    reader plans the read again and gets the newer bytes."""
+
+
 class VolumeStoppedError(FsError, CowfsError):
     """A flush of the volume failed for a reason other than a full disk.
 

@@ -139,13 +139,18 @@ class FlushJob:
     every other commit path first waits for it (`Filesystem._settle_inflight`).
     """
 
-    def __init__(self, fs: "Filesystem", entries: list, chain: list, sync_env: bool):
+    def __init__(self, fs: "Filesystem", entries: list, chain: list, sync_env: bool,
+                 to_reclaim: list):
         self.env = fs.env
         self.chunks = fs.store.chunks
         self.chunk_size = fs.chunk_size
         self.entries = entries   # [(inode, frozen buffers, attrs copy)]
         self.chain = chain
         self.sync_env = sync_env
+        # Chunk entries freed by earlier commits, given back once this job
+        # synced the environment (rule 4); then this job's own.
+        self.to_reclaim = to_reclaim
+        self.reclaimed = False
         self.done = threading.Event()
         self.error: Optional[BaseException] = None      # what `run` raised
         self.outcome: Optional[FsError] = None          # what the fsync callers get
@@ -160,6 +165,8 @@ class FlushJob:
                 # The daemon's environment skips the meta-page flush at
                 # commit (schema.Env metasync=False): sync before answering.
                 sync_environment(self.env)
+                self.chunks.reclaim(self.to_reclaim, synced=True)
+                self.reclaimed = True
         except BaseException as exc:      # handed to the loop by finish_flush
             self.error = exc
         finally:
@@ -185,6 +192,7 @@ class FlushJob:
         faults.point("commit.before")
         txn.commit()                                    # the commit point (rule 2)
         faults.point("commit.after")
+        self.to_reclaim = self.to_reclaim + batch.freed_locations
 
 
 class ReadPlan:
@@ -257,24 +265,37 @@ class Inode:
 
 
 class _Change:
-    """One namespace transaction: pending attribute copies, applied after commit."""
+    """One namespace transaction: pending attribute changes, applied after commit."""
 
     def __init__(self, fs: "Filesystem", txn, batch: ChunkBatch, flushing: set[int]):
         self.fs = fs
         self.txn = txn
         self.batch = batch
         self.flushing = flushing
-        self.pending: dict[int, tuple[Inode, dict]] = {}
+        # ino -> (inode, attributes before, attributes to write)
+        self.pending: dict[int, tuple[Inode, dict, dict]] = {}
         self.created: list[Inode] = []
         self.purged: list[Inode] = []
 
     def attrs(self, inode: Inode) -> dict:
-        """The pending attributes of an inode; changes apply after the commit."""
-        if inode.ino not in self.flushing:
-            raise AssertionError(f"inode {inode.ino} changed without flushing its buffers")
-        if inode.ino not in self.pending:
-            self.pending[inode.ino] = (inode, dict(inode.attrs))
-        return self.pending[inode.ino][1]
+        """The attribute record this change writes for `inode`, for the body
+        to change; the fields it changes reach the cached inode after the
+        commit.
+
+        A file whose buffered writes this change does not commit starts from
+        its *committed* record: only the fields the body changes (nlink,
+        ctime) are written, its buffered data and size stay buffered. So a
+        namespace change never needs space for other data (a full disk can
+        always unlink, rename over, link), and never commits a size ahead of
+        the data committed with it."""
+        entry = self.pending.get(inode.ino)
+        if entry is None:
+            if inode.is_dir or inode.ino in self.flushing or inode.ino not in self.fs.dirty_inos:
+                base = dict(inode.attrs)
+            else:
+                base = self.fs._committed_attrs(self.txn, inode)
+            entry = self.pending[inode.ino] = (inode, base, dict(base))
+        return entry[2]
 
     def create(self, ino: int, attrs: dict, target: bytes = b"") -> Inode:
         inode = Inode(ino, attrs, target)
@@ -323,9 +344,15 @@ class Filesystem:
         # Commits since the environment was last synced (the daemon's
         # commits leave the meta page unflushed: schema.Env metasync=False).
         self.unsynced_commits = 0
+        # Chunk entries freed by commits not yet synced: their blocks go back
+        # to the filesystem after the next environment sync (rule 4).
+        self._to_reclaim: list[tuple[int, int, int]] = []
         self.flush_jobs = 0                     # FlushJobs run (for `stats`)
         # Set by the daemon's group committer: starts a flush without waiting.
         self.background_flush: Optional[Callable[[], None]] = None
+        # Set by the daemon: told how many chunk bytes a commit freed (their
+        # last reference went), so that a nearly full store gets them back.
+        self.on_space_freed: Optional[Callable[[int], None]] = None
 
     # --- loading -----------------------------------------------------------------
 
@@ -378,28 +405,49 @@ class Filesystem:
         catalog.put(txn, self.env, self.chain, schema.KIND_INODE, schema.inode_key(ino),
                     schema.pack_inode(attrs, target))
 
-    def _stage(self, inodes: Iterable[Inode], batch: ChunkBatch) -> list[tuple[Inode, dict]]:
-        """Append buffered chunks of `inodes` to the pack: {chunk_index: chunk_id | None}."""
-        return [(inode, stage_buffers(inode.dirty, inode.attrs["size"], self.chunk_size, batch))
-                for inode in inodes]
+    def _committed_attrs(self, txn, inode: Inode) -> dict:
+        """The attributes of `inode` as last committed (its buffered changes aside)."""
+        raw = catalog.get(txn, self.env, self.chain, schema.KIND_INODE, schema.inode_key(inode.ino))
+        return dict(inode.attrs) if raw is None else schema.unpack_inode(raw)[0]
+
+    def _stage(self, inodes: Iterable[Inode], batch: ChunkBatch,
+               stage_below: dict[int, int]) -> list[tuple[Inode, dict]]:
+        """Append buffered chunks of `inodes` to the pack: {chunk_index: chunk_id | None}.
+
+        stage_below: ino -> first chunk index not to store (a truncate drops
+        the buffered chunks past its cut instead of writing them)."""
+        staged = []
+        for inode in inodes:
+            buffers = inode.dirty
+            limit = stage_below.get(inode.ino)
+            if limit is not None:
+                buffers = {idx: buf for idx, buf in buffers.items() if idx < limit}
+            staged.append((inode, stage_buffers(buffers, inode.attrs["size"], self.chunk_size, batch)))
+        return staged
 
     def _write_chunk_map(self, txn, batch: ChunkBatch, ino: int, chunk_ids: dict) -> None:
         write_chunk_map(txn, self.env, self.chain, batch, ino, chunk_ids)
 
     @contextlib.contextmanager
-    def _change(self, flush: Iterable[Inode] = (), extra_chunks: Iterable = ()):
+    def _change(self, flush: Iterable[Inode] = (), extra_chunks: Iterable = (),
+                stage_below: Optional[dict[int, int]] = None, use_reserve: bool = False):
         """A committed change that also writes the buffers of `flush` inodes.
 
+        A namespace change (no `flush`) writes no chunk at all, so it works
+        on a full disk: its LMDB commit fits in the space reserve that chunk
+        writes leave free (`space`).
         extra_chunks: (inode, chunk_index, bytes) to store in the same commit.
-        Errors of the body (EEXIST...) abort it and change nothing; errors of
-        the flush itself go through `_flush_guard` (rule 3).
+        stage_below: see `_stage`. use_reserve: the chunks of this change
+        may use the space reserve (a truncate, which frees more than it
+        writes). Errors of the body (EEXIST...) abort it and change nothing;
+        errors of the flush itself go through `_flush_guard` (rule 3).
         """
         self._settle_inflight()
         self._check_writable()
         flush = list({inode.ino: inode for inode in flush}.values())
-        batch = self.store.chunks.batch()
+        batch = self.store.chunks.batch(use_reserve=use_reserve)
         with self._flush_guard():
-            staged = self._stage(flush, batch)
+            staged = self._stage(flush, batch, stage_below or {})
             extra = {}
             for inode, idx, data in extra_chunks:
                 extra.setdefault(inode.ino, (inode, {}))[1][idx] = None if is_zero(data) else batch.add(data)
@@ -420,7 +468,10 @@ class Filesystem:
             txn.commit()                                # the commit point (rule 2)
         faults.point("commit.after")
         self.unsynced_commits += 1
+        self._to_reclaim.extend(batch.freed_locations)
         self._after_commit(change, staged)
+        if batch.freed_bytes and self.on_space_freed is not None:
+            self.on_space_freed(batch.freed_bytes)
 
     @contextlib.contextmanager
     def _flush_guard(self):
@@ -434,9 +485,15 @@ class Filesystem:
         """The error for the callers of a failed flush; stops the volume unless
         the disk was only full (rule 3)."""
         if is_full_disk(exc, os.path.join(self.store.path, "meta")):
-            log.warning("volume %d: flush failed, disk full (%s); data stays buffered",
-                        self.vol_id, exc)
-            return FsError(errno.ENOSPC, f"store {self.store.path} is full: {exc}")
+            log.warning("volume %d: flush failed, disk full (%s); data stays buffered. Delete "
+                        "files (their space comes back by itself) or destroy snapshots that "
+                        "hold deleted data: 'cowfs df %s' names them", self.vol_id, exc,
+                        self.store.path)
+            if self.on_space_freed is not None:
+                self.on_space_freed(0)        # a full disk: space deleted earlier may be reclaimable
+            return FsError(errno.ENOSPC, f"store {self.store.path} is full ({exc}); delete files "
+                                         f"or destroy snapshots ('cowfs df {self.store.path}' "
+                                         "shows what frees space)")
         if self.stopped is None:
             self.stopped = f"flushing volume {self.vol_id} of {self.store.path} failed: {exc}"
             log.error("%s; the volume stops accepting writes until remounted (rule 3)", self.stopped)
@@ -461,8 +518,10 @@ class Filesystem:
             inode.attrs_dirty = False
             inode.in_job = True
         job = FlushJob(self, entries, list(self.chain),
-                       sync_env=bool(entries) or self.unsynced_commits > 0)
+                       sync_env=bool(entries) or self.unsynced_commits > 0,
+                       to_reclaim=self._to_reclaim)
         self.unsynced_commits = 0
+        self._to_reclaim = []
         self._inflight = job
         self.flush_jobs += 1
         return job
@@ -481,6 +540,8 @@ class Filesystem:
             else:
                 job.outcome = self._flush_failed(job.error)
                 self._rebuffer(job)
+            if not job.reclaimed:
+                self._to_reclaim.extend(job.to_reclaim)      # after the next sync
         if job.outcome is not None:
             raise job.outcome
 
@@ -532,13 +593,15 @@ class Filesystem:
         for inode, _ in staged:
             if inode.ino not in purged and inode.ino not in change.pending and not inode.purged:
                 self._put_inode_record(txn, inode.ino, inode.attrs, inode.target)
-        for ino, (inode, attrs) in change.pending.items():
+        for ino, (inode, _before, attrs) in change.pending.items():
             if ino not in purged:
                 self._put_inode_record(txn, ino, attrs, inode.target)
 
     def _after_commit(self, change: _Change, staged) -> None:
-        for inode, attrs in change.pending.values():
-            inode.attrs = attrs
+        for inode, before, after in change.pending.values():
+            for field, value in after.items():
+                if before[field] != value:
+                    inode.attrs[field] = value
         for inode in change.created:
             self.inodes[inode.ino] = inode
         for inode, _ in staged:
@@ -581,6 +644,14 @@ class Filesystem:
         self.chain[0] = (self.vol_id, gen + 1)
         return gen
 
+    def release_pack(self) -> None:
+        """Close the pack this daemon appends to. gc leaves a pack alone
+        while a process appends to it, so the dead bytes of a file deleted
+        from it are out of gc's reach until then; the next write starts a
+        new pack."""
+        self._settle_inflight()
+        self.store.chunks.close_writer()
+
     def sync_all(self) -> None:
         """Rule 2: everything acknowledged before is committed and durable.
 
@@ -596,6 +667,8 @@ class Filesystem:
         with self._flush_guard():
             sync_environment(self.env)
         self.unsynced_commits = 0
+        to_reclaim, self._to_reclaim = self._to_reclaim, []
+        self.store.chunks.reclaim(to_reclaim, synced=True)
 
     # --- attributes ------------------------------------------------------------------
 
@@ -656,27 +729,33 @@ class Filesystem:
             self.dirty_inos.add(inode.ino)
 
     def _truncate(self, inode: Inode, new_size: int) -> None:
-        """Change the size; committed at once, together with the inode's buffers."""
+        """Change the size; committed at once, with the inode's buffered
+        chunks below the cut. Buffered chunks past the cut are dropped, not
+        written: truncating to zero (DROP TABLE, `: > file`) needs no space
+        for data, so it works on a full disk and frees what no snapshot holds."""
         cs = self.chunk_size
-        self._flush_inode(inode)      # no buffered chunk may outlive the cut
+        self._settle_inflight()       # the flush in flight may hold chunks past the cut
         old_size = inode.attrs["size"]
+        stage_below = None
         extra = []
-        if new_size < old_size and new_size % cs:
-            # Bytes beyond the size must read as zeros if the file grows again.
-            idx = new_size // cs
-            extra.append((inode, idx, self._chunk_bytes(inode, idx)[: new_size % cs]))
-        with self._change(flush=[inode], extra_chunks=extra) as ch:
+        if new_size < old_size:
+            stage_below = -(-new_size // cs)
+            if new_size % cs:
+                # Bytes beyond the size must read as zeros if the file grows again.
+                idx = new_size // cs
+                extra.append((inode, idx, self._chunk_bytes(inode, idx)[: new_size % cs]))
+                stage_below = idx
+        # Only the cut chunk is written when nothing below it is buffered: it
+        # may use the space reserve (a shrinking truncate frees more than that).
+        surviving = [idx for idx in inode.dirty if stage_below is None or idx < stage_below]
+        with self._change(flush=[inode], extra_chunks=extra,
+                          stage_below=None if stage_below is None else {inode.ino: stage_below},
+                          use_reserve=stage_below is not None and not surviving) as ch:
             if new_size < old_size:
                 self._drop_chunks_from(ch, inode, -(-new_size // cs))
             attrs = ch.attrs(inode)
             attrs["size"] = new_size
             attrs["mtime_ns"] = attrs["ctime_ns"] = time.time_ns()
-
-    def _flush_inode(self, inode: Inode) -> None:
-        self._settle_inflight()
-        if inode.ino in self.dirty_inos:
-            with self._change(flush=[inode]):
-                pass
 
     def _drop_chunks_from(self, ch: _Change, inode: Inode, first_index: int) -> None:
         start = schema.chunk_key(inode.ino, first_index)
@@ -733,6 +812,11 @@ class Filesystem:
     def write(self, ino: int, offset: int, data: bytes) -> int:
         self._check_writable()
         inode = self.get(ino)
+        if self.dirty_bytes > 2 * DIRTY_LIMIT_BYTES:
+            # Too much buffered: flush before taking more. If that fails (a
+            # full disk), this write is refused *unbuffered*, so memory stays
+            # bounded while the disk is full.
+            self.flush_all()
         cs = self.chunk_size
         view = memoryview(data)
         pos = 0
@@ -754,11 +838,8 @@ class Filesystem:
         attrs["size"] = max(attrs["size"], offset + len(data))
         attrs["mtime_ns"] = attrs["ctime_ns"] = time.time_ns()
         self._mark_dirty(inode)
-        if self.dirty_bytes > DIRTY_LIMIT_BYTES:
-            if self.background_flush is None or self.dirty_bytes > 2 * DIRTY_LIMIT_BYTES:
-                self.flush_all()         # waits for the flush in flight, then flushes here
-            else:
-                self.background_flush()
+        if self.dirty_bytes > DIRTY_LIMIT_BYTES and self.background_flush is not None:
+            self.background_flush()      # the loop keeps taking writes meanwhile
         return len(data)
 
     # --- namespace ---------------------------------------------------------------------
@@ -783,7 +864,7 @@ class Filesystem:
         attrs = self._new_attrs(parent, mode, uid, gid, rdev)
         if target:
             attrs["size"] = len(target)
-        with self._change(flush=[parent]) as ch:
+        with self._change() as ch:
             if self._child_ino(ch.txn, parent, name) is not None:
                 raise FsError(errno.EEXIST, name.decode(errors="replace"))
             ino = volumes.allocate_ino(ch.txn, self.env, self.vol_id)
@@ -803,7 +884,7 @@ class Filesystem:
         if inode.is_dir:
             raise FsError(errno.EPERM, "hard links to directories are not allowed")
         parent = self._dir(new_parent_ino)
-        with self._change(flush=[inode, parent]) as ch:
+        with self._change() as ch:
             if self._child_ino(ch.txn, parent, new_name) is not None:
                 raise FsError(errno.EEXIST, new_name.decode(errors="replace"))
             ch.put(schema.KIND_DENTRY, schema.dentry_key(parent.ino, new_name), schema.u64(ino))
@@ -847,7 +928,7 @@ class Filesystem:
                 raise FsError(errno.ENOTDIR if is_dir else errno.EISDIR, name.decode(errors="replace"))
             if is_dir and not self._is_empty_dir(txn, child):
                 raise FsError(errno.ENOTEMPTY, name.decode(errors="replace"))
-        with self._change(flush=[parent, child]) as ch:
+        with self._change() as ch:
             ch.delete(schema.KIND_DENTRY, schema.dentry_key(parent.ino, name))
             self._drop_link(ch, child)
             parent_attrs = ch.attrs(parent)
@@ -881,8 +962,7 @@ class Filesystem:
             self._check_rename(txn, src, dst, new_parent, flags)
         if src_ino == dst_ino:
             return      # two names of one file: POSIX says do nothing
-        touched = [old_parent, new_parent, src] + ([dst] if dst else [])
-        with self._change(flush=touched) as ch:
+        with self._change() as ch:
             ch.delete(schema.KIND_DENTRY, schema.dentry_key(old_parent.ino, old_name))
             ch.put(schema.KIND_DENTRY, schema.dentry_key(new_parent.ino, new_name), schema.u64(src_ino))
             now_ns = time.time_ns()
@@ -945,7 +1025,7 @@ class Filesystem:
             return
         inode.opens -= 1
         if inode.opens == 0 and inode.attrs["nlink"] == 0 and not inode.purged:
-            with self._change(flush=[inode]) as ch:
+            with self._change() as ch:
                 ch.purge(inode)
         self._maybe_evict(inode)
 
@@ -957,7 +1037,7 @@ class Filesystem:
                     if bytes(k).startswith(prefix)]
         for ino in inos:
             inode = self.get(ino)
-            with self._change(flush=[inode]) as ch:
+            with self._change() as ch:
                 if inode.attrs["nlink"] == 0:
                     ch.purge(inode)
                 else:
@@ -1006,7 +1086,7 @@ class Filesystem:
         if len(value) > XATTR_VALUE_MAX_BYTES:
             raise FsError(errno.E2BIG, "extended attribute value too large")
         inode = self.get(ino)
-        with self._change(flush=[inode]) as ch:
+        with self._change() as ch:
             ch.put(schema.KIND_XATTR, schema.xattr_key(ino, name), value)
             ch.attrs(inode)["ctime_ns"] = time.time_ns()
 
@@ -1033,7 +1113,7 @@ class Filesystem:
     def removexattr(self, ino: int, name: bytes) -> None:
         inode = self.get(ino)
         self.getxattr(ino, name)
-        with self._change(flush=[inode]) as ch:
+        with self._change() as ch:
             ch.delete(schema.KIND_XATTR, schema.xattr_key(ino, name))
             ch.attrs(inode)["ctime_ns"] = time.time_ns()
 

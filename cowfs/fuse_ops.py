@@ -16,7 +16,7 @@ import lmdb
 import pyfuse3
 import trio
 
-from .errors import ChunkDamagedError, FsError
+from .errors import ChunkDamagedError, ChunkGoneError, FsError
 from .filesystem import Filesystem, Inode
 from .group_commit import GroupCommitter
 
@@ -29,6 +29,8 @@ CACHE_TIMEOUT_S = 3600.0
 # Reads of at least this many stored chunks run in a worker thread; smaller
 # ones (PostgreSQL's 8 KiB page reads) are cheaper than the thread hop.
 OFFLOAD_READ_MIN_CHUNKS = 16
+# A read whose chunks were freed and reclaimed under it is planned again.
+READ_ATTEMPTS = 3
 _PASSTHROUGH_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 
 
@@ -168,12 +170,19 @@ class FuseOps(pyfuse3.Operations):
 
     @_gate
     async def read(self, fh, off, size):
-        plan = self.fs.plan_read(fh, off, size)
-        if plan.stored_chunks >= OFFLOAD_READ_MIN_CHUNKS:
-            # Large reads (sequential read-ahead) wait for the disk in a
-            # thread: several are in flight at once and the loop keeps serving.
-            return await trio.to_thread.run_sync(plan.fetch)
-        return plan.fetch()
+        for attempt in range(READ_ATTEMPTS):
+            plan = self.fs.plan_read(fh, off, size)
+            try:
+                if plan.stored_chunks >= OFFLOAD_READ_MIN_CHUNKS:
+                    # Large reads (sequential read-ahead) wait for the disk in a
+                    # thread: several are in flight at once and the loop keeps serving.
+                    return await trio.to_thread.run_sync(plan.fetch)
+                return plan.fetch()
+            except ChunkGoneError:
+                # The file changed after the plan and gc reclaimed a chunk it
+                # named: plan again, which reads the newer bytes.
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
 
     @_gate
     async def write(self, fh, off, buf):

@@ -81,6 +81,12 @@ class GroupCommitter:
                 await self._running.wait()
         failure = self._failures.get(needed)
         if failure is not None:
+            if failure.errno == errno.ENOSPC:
+                # Told to a caller, who will stop (PostgreSQL PANICs): the
+                # writes buffered meanwhile and its crash recovery may now
+                # use the grace (`space`). A background flush's failure,
+                # which nobody hears of, does not open it.
+                self.fs.store.packs.space.open_grace()
             raise FsError(failure.errno, failure.args[1])
 
     def _want(self, ino: Optional[int]) -> None:

@@ -16,21 +16,19 @@ What holds after a crash (kill -9 or power loss):
 """
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import logging
 import os
 import threading
 
 from . import schema
+from .space import SpaceBudget
+
+log = logging.getLogger(__name__)
 
 PACK_TARGET_BYTES = 64 << 20     # start a new pack beyond this size
-# Space that chunk writes leave free on the store's filesystem, so that the
-# metadata commits which free space (unlink, destroy, gc) still fit when the
-# disk is "full" -- LMDB is copy-on-write and needs new pages even to delete.
-# Like ZFS's slop space: 1% of the filesystem, at least 4 MiB, at most 1 GiB.
-RESERVE_FRACTION = 0.01
-RESERVE_MIN_BYTES = 4 << 20
-RESERVE_MAX_BYTES = 1 << 30
 # One coalesced pwritev writes at most this many entries (two iovecs each:
 # IOV_MAX is 1024) or about this many bytes, so a commit of a large write
 # costs one system call per ~4 MiB instead of one per chunk.
@@ -50,6 +48,44 @@ class PackSyncError(OSError):
     the kernel may have dropped dirty pages and a retry could "succeed"
     without them (PostgreSQL's fsyncgate), so callers treat it as fatal.
     """
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Give the blocks of [offset, offset + length) back to the filesystem;
+    the range then reads as zeros and the file keeps its size."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"punching a hole in a pack: {os.strerror(code)}")
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for start, end in ranges:
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(start, end) for start, end in out]
+
+
+def punch_ranges(fd: int, ranges: list[tuple[int, int]]) -> int:
+    """Punch the whole blocks inside each [start, end); returns bytes given back."""
+    st = os.fstat(fd)
+    block = st.st_blksize or 4096
+    for start, end in ranges:
+        first, last = -(-start // block) * block, end // block * block
+        if last > first:
+            punch_hole(fd, first, last - first)
+    return max(st.st_blocks * 512 - os.fstat(fd).st_blocks * 512, 0)
 
 
 def fsync_dir(path: str) -> None:
@@ -73,17 +109,8 @@ class PackStore:
         self._read_fds: dict[int, int] = {}
         self._lock = threading.Lock()
         self._readers = 0
-        # gc turns this off: compaction writes a little to free a lot.
-        self.keep_reserve = True
-
-    def space_for_chunks(self) -> int:
-        """Bytes chunk writes may still use before reaching the reserve."""
-        st = os.statvfs(self.packs_dir)
-        reserve = 0
-        if self.keep_reserve:
-            total = st.f_blocks * st.f_frsize
-            reserve = min(RESERVE_MAX_BYTES, max(RESERVE_MIN_BYTES, int(total * RESERVE_FRACTION)))
-        return st.f_bavail * st.f_frsize - reserve
+        # How much chunk writes may take (the reserve and grace levels).
+        self.space = SpaceBudget(packs_dir)
 
     def path(self, pack_id: int) -> str:
         return os.path.join(self.packs_dir, f"{pack_id:08x}.pack")
@@ -106,7 +133,7 @@ class PackStore:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
-        return self.writer_class(pack_id, fd, schema.PACK_HEADER.size, self.space_for_chunks)
+        return self.writer_class(pack_id, fd, schema.PACK_HEADER.size, self.space.available)
 
     @contextlib.contextmanager
     def reading(self):
@@ -135,6 +162,29 @@ class PackStore:
                                      f"(wanted {length} bytes at {offset})")
         return data
 
+    def punch_entries(self, locations) -> int:
+        """Punch out the whole blocks of dead entries, given as (pack_id,
+        offset of the data, length); entries back to back in a pack are
+        punched as one range. Best effort: a pack gc removed meanwhile, or a
+        filesystem without holes, leaves the space to gc. Returns the bytes
+        given back."""
+        given = 0
+        by_pack: dict[int, list[tuple[int, int]]] = {}
+        for pack_id, offset, length in locations:
+            by_pack.setdefault(pack_id, []).append((offset - _ENTRY_HEADER_SIZE, offset + length))
+        for pack_id, ranges in by_pack.items():
+            try:
+                fd = os.open(self.path(pack_id), os.O_WRONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                given += punch_ranges(fd, _merged(sorted(ranges)))
+            except OSError as exc:
+                log.info("space of freed chunks in pack %08x left to gc (%s)", pack_id, exc)
+            finally:
+                os.close(fd)
+        return given
+
     def drop_unlinked(self) -> None:
         """Close read handles of packs gc removed, so their space is freed.
         Skipped while reads are in progress; the periodic commit tries again."""
@@ -148,6 +198,10 @@ class PackStore:
 
     def size(self, pack_id: int) -> int:
         return os.stat(self.path(pack_id)).st_size
+
+    def disk_bytes(self, pack_id: int) -> int:
+        """Space the pack takes on disk (less than its size once gc punched it)."""
+        return os.stat(self.path(pack_id)).st_blocks * 512
 
     def pack_ids(self) -> list[int]:
         ids = []
@@ -195,10 +249,11 @@ class PackWriter:
         self.flush()
         return offset
 
-    def append_deferred(self, chunk_id: bytes, data: bytes) -> int:
+    def append_deferred(self, chunk_id: bytes, data: bytes, use_reserve: bool = False) -> int:
         """Queue one entry; return the offset its data bytes will have.
 
-        ENOSPC (reserve reached) is raised here, before anything is queued.
+        ENOSPC (reserve reached; with `use_reserve`, the disk itself full)
+        is raised here, before anything is queued.
         `data` must not change until the entry is written (`flush`/`sync`):
         the queue holds it, not a copy. A write error of the queue surfaces
         from whichever call writes it (this one, `flush` or `sync`).
@@ -206,7 +261,7 @@ class PackWriter:
         if self.broken:
             raise OSError(errno.EIO, f"pack {self.pack_id:08x} had a write error; use a new pack")
         length = len(data)
-        self._take_space(_ENTRY_HEADER_SIZE + length)
+        self._take_space(_ENTRY_HEADER_SIZE + length, use_reserve)
         queue = self._queue
         queue.append(_pack_entry_header(_ENTRY_MAGIC, length, chunk_id))
         queue.append(data)
@@ -252,18 +307,33 @@ class PackWriter:
         """True while some appended bytes are not yet durable."""
         return self.size_bytes != self._synced_bytes
 
-    def _take_space(self, length: int) -> None:
-        """ENOSPC before the reserve is touched (see RESERVE_FRACTION)."""
+    def _take_space(self, length: int, use_reserve: bool = False) -> None:
+        """ENOSPC before the levels kept free are touched (see `space`)."""
         if self._space_for_chunks is None or self._budget_bytes >= length:
             self._budget_bytes -= length
+            return
+        if use_reserve:
+            # Rare and small (the cut chunk of a truncate): ask every time,
+            # and leave the budget of ordinary writes as it is.
+            if self._space_for_chunks(use_reserve=True) < length:
+                raise OSError(errno.ENOSPC, "the store's filesystem is full, even its reserve")
             return
         # Half of what is left: other writers (LMDB, other daemons) share it.
         self._budget_bytes = self._space_for_chunks() // 2
         if self._budget_bytes < length:
             self._budget_bytes = 0
             raise OSError(errno.ENOSPC, "the store's filesystem is full (the rest is reserved for "
-                                        "metadata); free space with 'cowfs destroy' and 'cowfs gc'")
+                                        "deleting)")
         self._budget_bytes -= length
+
+    def cut_back(self, size_bytes: int) -> None:
+        """Forget every entry from `size_bytes` on, written or queued, and
+        cut the file there. Only for appends no commit refers to (gc's copy
+        of a compaction that did not fit)."""
+        self._queue = []
+        self._undo_to(size_bytes)
+        self.size_bytes = self._written_bytes = min(self._written_bytes, size_bytes)
+        self._synced_bytes = min(self._synced_bytes, size_bytes)
 
     def _undo_to(self, size_bytes: int) -> None:
         """Drop a partial entry so that the next append starts clean."""

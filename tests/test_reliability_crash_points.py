@@ -95,7 +95,11 @@ def test_crash_while_a_mounted_volume_takes_a_snapshot(store, workdir, point):
 
 @pytest.fixture
 def half_dead_pack(store, workdir):
-    """A pack whose first half is dead (file removed), second half a live file."""
+    """A pack whose first half is dead (file removed), second half a live file.
+
+    The daemon is killed right after the unlink: a daemon gives freed blocks
+    back by itself once the unlink is synced, and this pack must still hold
+    them, as after a crash, for gc to compact it."""
     mount = Mount(store, os.path.join(workdir, "mnt")).mount()
     live = os.urandom(400_000)
     try:
@@ -104,6 +108,7 @@ def half_dead_pack(store, workdir):
                 f.write(data)
                 os.fsync(f.fileno())
         os.unlink(f"{mount.path}/dead")
+        mount.kill9()
     finally:
         mount.close()
     return mount, live
