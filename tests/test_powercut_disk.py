@@ -18,8 +18,9 @@ import sys
 import pytest
 
 from cowfs.packs import fsync_dir
-from helpers import Mount, cowfs, daemon_pid, fsck_clean
+from helpers import fsck_clean
 from powercut import SECTOR_BYTES, PowerCutDisk, is_mounted
+from powercut_cowfs import Stack
 from powercut_workers import Writer, lmdb_check, wait_pending
 
 
@@ -284,26 +285,23 @@ def counts_by_store_part(counts: dict) -> dict:
 
 
 def test_cowfs_runs_on_the_disk_and_one_fsync_costs_the_known_flushes(disk, workdir):
-    store = os.path.join(disk.path, "store")
-    cowfs("init", store)
-    mount = Mount(store, os.path.join(workdir, "mnt"))
-    os.makedirs(mount.path)
-    cowfs("mount", store, mount.path, "--commit-interval", "3600")   # no periodic commit in between
-    mount.pid = daemon_pid(mount.path)
-    data = os.urandom(100_000)
+    stack = Stack(disk, workdir).init()
     try:
+        mount = stack.mount()                       # no periodic commit: only the fsync commits
+        data = os.urandom(100_000)
         write_file(f"{mount.path}/f", data, sync=os.fsync)             # creates the first pack
         page = os.urandom(8192)
         disk.flush_counts(reset=True)
         write_file(f"{mount.path}/f", page, offset=16384, create=False, sync=os.fsync)
         assert counts_by_store_part(disk.flush_counts()) == FLUSHES_PER_FSYNC
-        mount.umount()
-        fsck_clean(store)
-        mount.mount()
+        stack.umount()
+        fsck_clean(stack.store)
+        mount = stack.mount()
         assert read_file(f"{mount.path}/f") == data[:16384] + page + data[24576:]
+        stack.umount()
     finally:
-        mount.close()
-    fsck_clean(store)
+        stack.close()
+    fsck_clean(stack.store)
 
 
 def test_teardown_detaches_the_mount_and_stops_the_server_after_a_failure(workdir):
