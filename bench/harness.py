@@ -9,7 +9,8 @@ Everything started here (mounts, PostgreSQL servers, helper processes) is
 registered with the `Harness` and taken down by `Harness.close`, which the
 suite calls in a ``finally``: servers are stopped, mounts unmounted with
 ``cowfs umount`` (lazily with ``fusermount3 -u -z`` if that fails), helper
-processes ended by their pid. Nothing is ended by name.
+processes ended by their pid, loop disks unmounted and detached. Nothing
+is ended by name.
 """
 
 import contextlib
@@ -138,6 +139,55 @@ class Mount:
                     os.kill(self.pid, signal.SIGTERM)
 
 
+class LoopDisk:
+    """An ext4 image attached to a loop device and mounted: a block device of its own.
+
+    Its ``/sys/block/<dev>/stat`` counts the I/O of what runs on it and of
+    nothing else, so a benchmark can count device flushes (field 16) of one
+    workload. The loop device passes a flush on as an fsync of the image file;
+    it has no FUA (like this machine's virtio disk), so a journal commit
+    counts two flushes (before and after the commit block).
+    """
+
+    def __init__(self, image: str, mountpoint: str):
+        self.image, self.mountpoint = image, mountpoint
+        self.device: Optional[str] = None
+        self.mounted = False
+
+    def create(self, size_bytes: int) -> None:
+        with open(self.image, "wb") as f:
+            f.truncate(size_bytes)                     # sparse: costs what is written
+        subprocess.run(["mkfs.ext4", "-q", "-F", self.image], check=True, capture_output=True)
+        self.device = subprocess.run(["losetup", "--find", "--show", self.image], check=True,
+                                     capture_output=True, text=True).stdout.strip()
+        os.makedirs(self.mountpoint, exist_ok=True)
+        subprocess.run(["mount", self.device, self.mountpoint], check=True, capture_output=True)
+        self.mounted = True
+        os.chmod(self.mountpoint, 0o755)               # the postgres user must traverse it
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.device)
+
+    def stat(self) -> dict:
+        """Counters of /sys/block/<dev>/stat (Documentation/block/stat.rst)."""
+        with open(f"/sys/block/{self.name}/stat") as f:
+            fields = [int(x) for x in f.read().split()]
+        return dict(write_ios=fields[4], write_bytes=fields[6] * 512, flush_ios=fields[15])
+
+    def close(self) -> None:
+        if self.mounted:
+            if subprocess.run(["umount", self.mountpoint], capture_output=True).returncode != 0:
+                log(f"umount {self.mountpoint} failed; detaching lazily")
+                subprocess.run(["umount", "-l", self.mountpoint], capture_output=True)
+            self.mounted = False
+        if self.device:
+            subprocess.run(["losetup", "-d", self.device], capture_output=True)
+            self.device = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.image)
+
+
 @dataclass
 class Side:
     """Where one copy of a workload runs."""
@@ -220,6 +270,7 @@ class Harness:
         self.profile_dir = profile_dir
         self.profiles: dict = {}
         self._mounts: list = []
+        self._loops: list = []
         self._servers: list = []
         self._procs: list = []
         self._ports: set = set()
@@ -232,15 +283,18 @@ class Harness:
         self._names[label] = n + 1
         return label if n == 0 else f"{label}-{n}"
 
-    def plain_side(self, label: str = "plain") -> Side:
+    def plain_side(self, label: str = "plain", base: Optional[str] = None) -> Side:
+        """A plain directory in the work directory, or in `base` (e.g. a `LoopDisk`)."""
         label = self._unique(label)
-        root = os.path.join(self.work, label)
+        root = os.path.join(base or self.work, label)
         os.makedirs(root, mode=0o755)
         return Side("plain", label, root)
 
-    def cowfs_side(self, label: str = "cowfs", chunk_size: Optional[int] = None) -> Side:
+    def cowfs_side(self, label: str = "cowfs", chunk_size: Optional[int] = None,
+                   base: Optional[str] = None) -> Side:
+        """A fresh store (in `base` if given) with its volume main mounted."""
         label = self._unique(label)
-        store = os.path.join(self.store_work, f"{label}-store")
+        store = os.path.join(base or self.store_work, f"{label}-store")
         args = ["init", store] + (["--chunk-size", str(chunk_size)] if chunk_size else [])
         cowfs_cli(*args)
         mount = self.mount(store, os.path.join(self.work, f"{label}-mnt"), "main", label)
@@ -259,6 +313,18 @@ class Harness:
         mount.close()
         if mount in self._mounts:
             self._mounts.remove(mount)
+
+    def loop_disk(self, label: str, size_bytes: int) -> "LoopDisk":
+        """An ext4 image of its own on a loop device, mounted in the work directory."""
+        disk = LoopDisk(os.path.join(self.work, f"{label}.img"), os.path.join(self.work, label))
+        self._loops.append(disk)
+        disk.create(size_bytes)
+        return disk
+
+    def close_loop(self, disk: "LoopDisk") -> None:
+        disk.close()
+        if disk in self._loops:
+            self._loops.remove(disk)
 
     # --- PostgreSQL ---------------------------------------------------------------------------
 
@@ -368,6 +434,9 @@ class Harness:
         for mount in list(reversed(self._mounts)):
             with contextlib.suppress(Exception):
                 self.unmount(mount)
+        for disk in list(reversed(self._loops)):       # after the mounts whose stores are on them
+            with contextlib.suppress(Exception):
+                self.close_loop(disk)
 
     def close(self, keep: bool = False) -> None:
         self.release()

@@ -17,8 +17,12 @@ Groups (``--only`` takes group or figure names): initdb; pgbench (pgbench_init,
 tpcb, select_only); seqio (seq_write, seq_read); randio (rand_8k, fio);
 snapshot (snapshot_latency, clone_latency: bench/snapshot_bench.py);
 clone_load (live_with_clone); snapshots24 (stored bytes per snapshot vs WAL);
-chunks (TPC-B and sequential write at chunk sizes 8-64 KiB). The daemons'
-peak RSS (VmHWM) is sampled throughout.
+chunks (TPC-B and sequential write at chunk sizes 8-64 KiB); flushes
+(flushes_per_commit: device flushes per single-client TPC-B commit, on a loop
+device of its own) and clone_ready (clone_to_ready: crash recovery of one
+crash image on a cowfs clone vs a plain copy), both in bench/durability_bench.py.
+The daemons' peak RSS (VmHWM) is sampled throughout. The load average at the
+start and end goes into the results (the machine is shared).
 
 ``--profile`` attaches py-spy (record, raw format, idle samples included) to
 the daemon during the first cowfs run of each workload and summarizes the
@@ -38,11 +42,14 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import durability_bench  # noqa: E402
 import report  # noqa: E402
 import workloads  # noqa: E402
 from harness import REPO, Harness, log  # noqa: E402
 
-ORDER = list(workloads.GROUPS)
+GROUPS = {**workloads.GROUPS, **durability_bench.GROUPS}
+ALIASES = {**workloads.ALIASES, **durability_bench.ALIASES}
+ORDER = list(GROUPS)
 
 
 def parse_args(argv):
@@ -72,10 +79,10 @@ def resolve(only) -> list:
     wanted = set()
     for name in only.split(","):
         name = name.strip()
-        group = workloads.ALIASES.get(name, name)
-        if group not in workloads.GROUPS:
+        group = ALIASES.get(name, name)
+        if group not in GROUPS:
             raise SystemExit(f"suite: unknown benchmark {name!r}; known: "
-                             f"{', '.join(ORDER + sorted(workloads.ALIASES))}")
+                             f"{', '.join(ORDER + sorted(ALIASES))}")
         wanted.add(group)
     return [g for g in ORDER if g in wanted]
 
@@ -98,6 +105,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     stem = args.stem or time.strftime("suite-%Y%m%d", time.gmtime())
     started = time.time()
+    load_start = os.getloadavg()
     metrics, extras, errors = [], [], {}
     interrupted = False
     h = Harness(args.dir, profile_dir=os.path.join(args.out, f"{stem}-profiles") if args.profile else None,
@@ -107,7 +115,7 @@ def main(argv=None) -> int:
             log(f"== {group}")
             t0 = time.time()
             try:
-                out = workloads.GROUPS[group](h, cfg)
+                out = GROUPS[group](h, cfg)
             except Exception as exc:              # noqa: BLE001 -- report it, run the rest
                 traceback.print_exc()
                 errors[group] = f"{type(exc).__name__}: {exc}"
@@ -122,6 +130,8 @@ def main(argv=None) -> int:
     finally:
         h.close(keep=args.keep)
     result = build_result(args, cfg, groups, metrics, extras, errors, h, started, interrupted)
+    result["notes"]["load_average"] = dict(start=[round(x, 2) for x in load_start],
+                                           end=[round(x, 2) for x in os.getloadavg()])
     paths = report.write_outputs(result, args.out, stem)
     print(report.markdown(result))
     log("results: " + ", ".join(paths))
