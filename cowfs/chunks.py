@@ -203,6 +203,12 @@ class ChunkStore:
             pack_id = schema.unpack_le_u64(raw)
             txn.put(b"next_pack_id", schema.pack_le_u64(pack_id + 1), db=self.env.meta)
             txn.put(schema.pack_key(pack_id), schema.pack_pack_stats(0, 0), db=self.env.packs)
+        # The pack file is made durable next (`PackStore.create`): the
+        # allocation must be durable first, or after a power cut a mount
+        # daemon's commit (no meta-page flush) is undone, the file stays, and
+        # the next allocation of the same id fails with EEXIST. One sync per
+        # new pack (every 64 MiB).
+        self.env.lmdb.sync(True)
         return pack_id
 
     def close_writer(self) -> None:

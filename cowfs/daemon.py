@@ -7,9 +7,12 @@ release the lock.
 
 A registry file per mount (``/run/cowfs/<dev>.json``, keyed by the mount's
 device number from /proc/self/mountinfo) lets ``cowfs umount MOUNTPOINT``
-find the daemon without knowing the store, and learn whether the final
-flush succeeded. Reading mountinfo never sends a request to a FUSE daemon,
-so a hung daemon cannot hang ``umount``.
+find the daemon without knowing the store; a daemon whose final flush
+failed leaves ``final-<pid>.json`` beside it for ``umount`` to report (keyed
+by pid: the kernel hands the device number to the next mount as soon as
+this one is gone, and a daemon removes only an entry that is still its own).
+Reading mountinfo never sends a request to a FUSE daemon, so a hung daemon
+cannot hang ``umount``.
 """
 
 import errno
@@ -98,10 +101,34 @@ def read_registry(dev: str) -> Optional[dict]:
 
 
 def _write_registry(dev: str, info: dict) -> None:
-    tmp = registry_path(dev) + ".tmp"
+    _write_json(registry_path(dev), info)
+
+
+def _write_json(path: str, info: dict) -> None:
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(info, f)
-    os.replace(tmp, registry_path(dev))
+    os.replace(tmp, path)
+
+
+def final_status_path(pid: int) -> str:
+    """Where a daemon that ends with an error leaves it for `cowfs umount`.
+
+    Keyed by pid, not by the mount's device number: the kernel gives that
+    number to the next FUSE mount as soon as this one is gone, while this
+    daemon may still be writing its final flush."""
+    return os.path.join(registry_dir(), f"final-{pid}.json")
+
+
+def _forget_registry(dev: str) -> None:
+    """Remove the registry entry of `dev` if it is still ours (the number may
+    belong to a newer mount already)."""
+    info = read_registry(dev)
+    if info is not None and info.get("pid") == os.getpid():
+        try:
+            os.unlink(registry_path(dev))
+        except OSError:
+            pass
 
 
 # --- checks before mounting --------------------------------------------------------------
@@ -383,13 +410,9 @@ def _serve_until_unmounted(fs: Filesystem, committer: GroupCommitter, mnt: str, 
     finally:
         error = _final_flush(fs)
         pyfuse3.close(unmount=not unmounted)
-        if error is None:
-            try:
-                os.unlink(registry_path(dev))
-            except OSError:
-                pass
-        else:
-            _write_registry(dev, dict(pid=os.getpid(), mountpoint=mnt, status="error", error=error))
+        if error is not None:
+            _write_json(final_status_path(os.getpid()), dict(mountpoint=mnt, error=error))
+        _forget_registry(dev)
     return 0 if error is None else StoreIOError.exit_code
 
 
@@ -430,10 +453,13 @@ def unmount(mountpoint: str, timeout_s: float = 600.0) -> None:
         raise CowfsError(f"unmounting {mnt} failed: {detail}")
     if info is not None:
         _wait_for_exit(info["pid"], timeout_s, mnt)
-        final = read_registry(entry["dev"])
-        if final is not None and final.get("status") == "error":
-            os.unlink(registry_path(entry["dev"]))
-            raise StoreIOError(f"{mnt}: {final.get('error')}")
+        try:
+            with open(final_status_path(info["pid"])) as f:
+                final = json.load(f)
+        except (OSError, ValueError):
+            return
+        os.unlink(final_status_path(info["pid"]))
+        raise StoreIOError(f"{mnt}: {final.get('error')}")
 
 
 def _pid_alive(pid: int) -> bool:

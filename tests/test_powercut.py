@@ -113,14 +113,7 @@ def test_power_cut_at_each_step_of_fsync_keeps_every_fsynced_byte(stack, point, 
     fsck_clean(stack.store)
 
 
-FIRST_FLUSH_BUG = ("power cut in a daemon's first flush: the pack-id allocation commit (metasync=False) "
-                   "is lost but the pack file it named is durable, so the next daemon's pack create "
-                   "fails with EEXIST and the volume stops (EIO) until mounted once more")
-
-
-@pytest.mark.parametrize("point", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, raises=OSError, reason=FIRST_FLUSH_BUG))
-    if p != "commit.after" else p for p in FSYNC_POINTS])
+@pytest.mark.parametrize("point", FSYNC_POINTS)
 def test_power_cut_in_the_first_flush_of_a_daemon_leaves_a_writable_volume(stack, point):
     """The first flush of a daemon allocates a pack (an LMDB commit without meta sync), creates and
     fsyncs its file, then appends: a cut in between must not make the next mount unwritable."""
@@ -137,7 +130,7 @@ def test_power_cut_in_the_first_flush_of_a_daemon_leaves_a_writable_volume(stack
     stack.power_back()
     mount = stack.mount()
     after = os.urandom(100_000)
-    write(f"{mount.path}/after", after)                     # EIO today at the first three points
+    write(f"{mount.path}/after", after)     # was EIO: the pack id's allocation was lost, not its file
     assert read(f"{mount.path}/before") == before
     stack.umount()
     fsck_clean(stack.store)

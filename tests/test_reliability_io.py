@@ -16,6 +16,7 @@ data stays buffered, and a later fsync really writes it.
 
 import errno
 import os
+import subprocess
 
 import pytest
 
@@ -196,3 +197,31 @@ def test_postgres_stops_on_a_failed_sync_and_a_restart_recovers_every_commit(sto
             kill_server_tree(postmaster_pid)
         mount.close()
     fsck_clean(store)
+
+
+def test_a_slow_final_flush_never_takes_the_registry_entry_of_the_next_mount(store, workdir):
+    """The kernel gives a FUSE mount's device number to the next mount as soon
+    as the first is gone; a daemon still writing its final flush must then
+    neither remove nor overwrite the newcomer's registry entry, and `cowfs
+    umount` of the newcomer must still wait for *its* final flush."""
+    from helpers import mount_entry, wait_gone
+    slow = mount_with_faults(store, os.path.join(workdir, "slow"), "pack_sync_delay=3000")
+    other_store = os.path.join(workdir, "other")
+    cowfs("init", other_store)
+    newcomer = Mount(other_store, os.path.join(workdir, "new"))
+    try:
+        old_dev = mount_entry(slow.path)["dev"]
+        os.close(write_file(f"{slow.path}/f", os.urandom(100_000), fsync=False))
+        subprocess.run(["fusermount3", "-u", slow.path], check=True)   # its daemon flushes slowly now
+        newcomer.mount()
+        if mount_entry(newcomer.path)["dev"] != old_dev:
+            pytest.skip("another mount took the freed device number first")
+        wait_gone(slow.pid)
+        slow.pid = None
+        assert daemon_pid(newcomer.path) == newcomer.pid, "the slow daemon removed the newcomer's entry"
+        newcomer.umount()
+    finally:
+        newcomer.close()
+        slow.close()
+    fsck_clean(store)
+    fsck_clean(other_store)
