@@ -42,8 +42,10 @@ CRASH_EXIT_STATUS = 86
 POINTS = {
     "pack.written": "chunk entries were written to the pack, not yet synced",
     "pack.synced": "the pack was synced, nothing committed yet",
-    "commit.before": "the LMDB write transaction is complete but not committed",
-    "commit.after": "the LMDB transaction committed, fsync not yet answered",
+    "fold.before": "a fold's LMDB write transaction is complete but not committed",
+    "fold.after": "a fold's LMDB transaction committed, its fsyncs not yet answered",
+    "commit.before": "a change's (namespace, truncate, snapshot) transaction is complete, not committed",
+    "commit.after": "a change's transaction committed, not yet answered",
     "gc.copied": "gc copied live chunks to a new pack and synced it, nothing committed",
     "gc.moved": "gc committed the new chunk locations, the old pack still exists",
     "gc.dropping": "gc committed the removal of an empty pack's statistics, file not unlinked",

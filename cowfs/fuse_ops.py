@@ -17,7 +17,8 @@ import pyfuse3
 import trio
 
 from .errors import ChunkDamagedError, ChunkGoneError, FsError
-from .filesystem import Filesystem, Inode
+from .filesystem import Filesystem
+from .inode import Inode
 from .group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)

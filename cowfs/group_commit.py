@@ -29,7 +29,8 @@ from typing import Optional
 import trio
 
 from .errors import FsError
-from .filesystem import Filesystem, FlushJob
+from .filesystem import Filesystem
+from .flush_job import FlushJob
 
 log = logging.getLogger(__name__)
 

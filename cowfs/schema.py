@@ -165,6 +165,10 @@ def xattr_key(ino: int, name: bytes) -> bytes:
     return _U64.pack(ino) + name + b"\x00"
 
 
+def xattr_name(record_key: bytes) -> bytes:
+    return record_key[8:-1]
+
+
 def versioned_key(vol_id: int, kind: bytes, record_key: bytes, gen: int) -> bytes:
     return _U64.pack(vol_id) + kind + record_key + inv_gen(gen)
 

@@ -27,7 +27,7 @@ def daemon_stats(store_path: str, volume: str = "main") -> dict:
     try:
         with store.env.begin() as txn:
             vol_id = volumes.volume_id(txn, store.env, volume)
-        return control.request(store.run_dir, vol_id, {"op": "stats"})
+        return dict(control.request(store.run_dir, vol_id, {"op": "stats"}), vol_id=vol_id)
     finally:
         store.close()
 
@@ -38,6 +38,42 @@ def wait_for_flush_start(store: str, flush_jobs_before: int) -> None:
     while daemon_stats(store)["flush_jobs"] <= flush_jobs_before:
         assert time.monotonic() < deadline, "no flush started"
         time.sleep(0.01)
+
+
+class VolumeFlush(threading.Thread):
+    """`flush` of the whole volume through its daemon (every file, like the
+    periodic commit), in a thread; `.done` tells whether it returned. Not an
+    fsync of a file: the kernel holds that file's inode lock during an fsync,
+    so renaming or linking it would wait in the kernel, not in cowfs."""
+
+    def __init__(self, store: str):
+        super().__init__(daemon=True)
+        # Resolved here: one process must not open an LMDB environment twice at once.
+        self.run_dir, self.vol_id = os.path.join(store, "run"), daemon_stats(store)["vol_id"]
+        self.error = None
+        self.done = threading.Event()
+
+    def run(self):
+        try:
+            control.request(self.run_dir, self.vol_id, {"op": "flush"})
+        except Exception as exc:
+            self.error = exc
+        self.done.set()
+
+
+def volume_flush_in_flight(store: str, arm: str) -> VolumeFlush:
+    """Arm the slow disk and start a flush of every file; returns once it sleeps in the pack sync."""
+    open(arm, "w").close()
+    before = daemon_stats(store)
+    flusher = VolumeFlush(store)
+    flusher.start()
+    wait_for_flush_start(store, before["flush_jobs"])
+    return flusher
+
+
+def wait_done(flusher) -> None:
+    flusher.join(120)
+    assert flusher.done.is_set() and flusher.error is None, flusher.error
 
 
 class Fsync(threading.Thread):
@@ -165,31 +201,56 @@ def test_a_write_into_a_chunk_being_flushed_keeps_both_versions(store, workdir):
     fsck_clean(store)
 
 
-def test_namespace_changes_during_a_flush_wait_for_it_and_stay_consistent(store, workdir):
-    """A rename or unlink commits on the event loop: it waits for the flush in
-    flight (never two commits at once), and the result survives a remount."""
+def test_namespace_changes_during_a_flush_do_not_wait_for_it_and_stay_consistent(store, workdir):
+    """A rename, a link, a create and an unlink commit on the event loop while
+    the flush is in flight (a namespace change writes no chunk, so it need
+    not wait), and the flush merges its frozen data onto the records as
+    committed: the new link count and names survive a remount."""
     mount, arm = slow_mount(store, workdir)
     try:
-        open(arm, "w").close()
-        before = daemon_stats(store)
         data = os.urandom(3 * CHUNK)
-        flusher = Fsync(os.path.join(mount.path, "a"), data)
-        flusher.start()
-        wait_for_flush_start(store, before["flush_jobs"])
+        with open(os.path.join(mount.path, "a"), "wb") as f:
+            f.write(data)                                # buffered, frozen by the flush
+        flusher = volume_flush_in_flight(store, arm)
         os.rename(os.path.join(mount.path, "a"), os.path.join(mount.path, "b"))
+        os.link(os.path.join(mount.path, "b"), os.path.join(mount.path, "c"))
         with open(os.path.join(mount.path, "gone"), "wb") as f:
             f.write(b"x" * 10)
         os.unlink(os.path.join(mount.path, "gone"))
-        flusher.join(120)
-        assert flusher.done.is_set() and flusher.error is None, flusher.error
+        assert not flusher.done.is_set(), "a namespace change waited for the flush in flight"
+        wait_done(flusher)
         os.unlink(arm)
         mount.umount()
         mount.mount()
-        assert sorted(os.listdir(mount.path)) == ["b"]
-        with open(os.path.join(mount.path, "b"), "rb") as f:
-            assert f.read() == data
+        assert sorted(os.listdir(mount.path)) == ["b", "c"]
+        assert os.stat(os.path.join(mount.path, "b")).st_nlink == 2, "the flush undid the link"
+        for name in ("b", "c"):
+            with open(os.path.join(mount.path, name), "rb") as f:
+                assert f.read() == data
         result = cowfs("umount", mount.path)
         assert result.returncode == 0
+    finally:
+        mount.close()
+    fsck_clean(store)
+
+
+def test_a_file_deleted_while_its_flush_is_in_flight_leaves_nothing_behind(store, workdir):
+    """The flush froze the file's buffers; the unlink commits meanwhile and
+    the flush then finds no inode record and skips it: no chunk reference,
+    no inode comes back (fsck counts every reference)."""
+    mount, arm = slow_mount(store, workdir)
+    try:
+        with open(os.path.join(mount.path, "doomed"), "wb") as f:
+            f.write(os.urandom(5 * CHUNK))              # buffered, frozen by the flush
+        flusher = volume_flush_in_flight(store, arm)
+        os.unlink(os.path.join(mount.path, "doomed"))
+        assert not flusher.done.is_set(), "the unlink waited for the flush in flight"
+        wait_done(flusher)
+        os.unlink(arm)
+        mount.umount()
+        fsck_clean(store)
+        mount.mount()
+        assert os.listdir(mount.path) == []
     finally:
         mount.close()
     fsck_clean(store)

@@ -36,7 +36,7 @@ from powercut_model import Model
 from powercut_workers import Writer, records_present, wait_pending
 
 # Crash points reached by an fsync of a file, in path order.
-FSYNC_POINTS = ["pack.written", "pack.synced", "commit.before", "commit.after"]
+FSYNC_POINTS = ["pack.written", "pack.synced", "fold.before", "fold.after"]
 # Crash points reached by a snapshot of a mounted volume.
 SNAPSHOT_POINTS = ["commit.before", "commit.after"]
 # Crash points of a gc pass (its own process, a fully synced environment).

@@ -18,7 +18,7 @@ from cowfs import faults
 from helpers import Mount, cowfs, fsck_clean, wait_gone
 from test_reliability_io import mount_with_faults, read_file
 
-WRITE_POINTS = ["pack.written", "pack.synced", "commit.before", "commit.after"]
+WRITE_POINTS = ["pack.written", "pack.synced", "fold.before", "fold.after"]
 GC_POINTS = ["gc.copied", "gc.moved", "gc.dropping"]
 
 
@@ -62,7 +62,7 @@ def test_crash_at_each_step_of_fsync_keeps_every_fsynced_byte(store, workdir, po
         assert read_file(f"{mount.path}/dir/before") == before
         assert os.stat(f"{mount.path}/link").st_nlink == 2
         got = read_file(f"{mount.path}/during")
-        if point == "commit.after":
+        if point == "fold.after":
             assert got == during, "committed before the crash, so it must be there"
         else:
             assert got == b"", "nothing of the unsynced write may appear half-way"

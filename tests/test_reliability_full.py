@@ -345,7 +345,7 @@ def test_lmdb_commit_refused_by_a_full_filesystem_counts_as_full_disk_not_io_err
     back); any other LMDB commit failure stops it (rule 3).
     """
     import lmdb
-    from cowfs.filesystem import is_full_disk
+    from cowfs.commit import is_full_disk
     tiny = os.path.join(workdir, "tiny")
     os.mkdir(tiny)
     assert _run("mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", tiny).returncode == 0
