@@ -102,11 +102,23 @@ def destroy(store: Store, target: str) -> str:
                 batch.apply(txn)
             for gen in locks:
                 _drop_lock_file(store, vol_id, gen)
+            _drop_log_file(store, vol_id)
         finally:
             for lock in locks.values():
                 lock.release()
     store.chunks.reclaim(batch.freed_locations)
     return message
+
+
+def _drop_log_file(store: Store, vol_id: int) -> None:
+    """The destroyed volume's intent log: its state went with the commit, and
+    volume ids are never reused, so a crash before this only leaves a file."""
+    import os
+    from . import intent_log
+    try:
+        os.unlink(intent_log.log_path(store.logs_dir, vol_id))
+    except FileNotFoundError:
+        pass
 
 
 def _lock_all_snapshots(store: Store, vol_id: int, vol: str) -> dict:

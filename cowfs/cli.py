@@ -26,6 +26,16 @@ def parse_size(text: str) -> int:
     return int(digits) * _SIZE_UNITS[unit]
 
 
+MIN_LOG_BYTES = 1 << 20
+
+
+def parse_log_size(text: str) -> int:
+    size = parse_size(text)
+    if size and size < MIN_LOG_BYTES:
+        raise argparse.ArgumentTypeError(f"{text}: an intent log needs at least 1M (or 0 for none)")
+    return size
+
+
 def parse_interval_s(text: str) -> float:
     """A commit interval in seconds: a finite number from 0.1 to 3600."""
     try:
@@ -79,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-interval", type=parse_interval_s, default=5.0, metavar="SECONDS",
                    help="commit buffered writes at least this often (default 5); fsync "
                         "always commits at once")
+    p.add_argument("--log-size", type=parse_log_size, default=None, metavar="SIZE",
+                   help="size of the volume's intent log, which makes an fsync one device flush "
+                        "(default 32M; made or resized at mount; 0: no log, every fsync commits "
+                        "to the packs and LMDB, three device flushes)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("umount", help="flush and unmount a mounted volume",
@@ -292,7 +306,8 @@ def cmd_mount(args) -> int:
     snapshots.parse_target(args.volume)
     if args.foreground:
         from . import daemon
-        return daemon.run(args.store, args.mountpoint, args.volume, args.ready_fd, args.commit_interval)
+        return daemon.run(args.store, args.mountpoint, args.volume, args.ready_fd, args.commit_interval,
+                          args.log_size)
     return _spawn_daemon(args)
 
 
@@ -303,6 +318,8 @@ def _spawn_daemon(args) -> int:
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "cowfs", "mount", args.store, args.mountpoint, "--volume", args.volume,
            "--foreground", "--ready-fd", str(write_fd), "--commit-interval", str(args.commit_interval)]
+    if args.log_size is not None:
+        cmd += ["--log-size", str(args.log_size)]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=log_file, start_new_session=True)

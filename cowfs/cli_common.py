@@ -12,10 +12,16 @@ def human(size_bytes: int) -> str:
 
 
 def with_store(args, func):
-    """Open args.store, run func(store), always close it."""
+    """Open args.store, run func(store), always close it.
+
+    First the intent logs of unmounted volumes are replayed (after a crash
+    they may hold acknowledged writes not yet in LMDB): what a command shows
+    or snapshots is then what applications were told is durable."""
+    from .log_replay import replay_unmounted
     from .store import Store
     store = Store.open(args.store)
     try:
+        replay_unmounted(store)
         return func(store)
     finally:
         store.close()

@@ -24,14 +24,16 @@ import subprocess
 import time
 from typing import Optional
 
+import lmdb
 import pyfuse3
 import trio
 
-from . import admin, control, policy, schema, snapshots, volumes
+from . import admin, control, intent_log, log_replay, policy, schema, snapshots, volumes
 from .errors import BusyError, CowfsError, FsError, NotFoundError, StoreIOError, UsageError
 from .filesystem import Filesystem
 from .fuse_ops import FuseOps
 from .group_commit import GroupCommitter
+from .log_writer import LogWriter
 from .space_keeper import SpaceKeeper
 from .store import Store
 
@@ -252,14 +254,17 @@ def _control_handler(fs: Filesystem, committer: GroupCommitter, mountpoint: str,
             return dict(ok=True, pid=os.getpid(), dirty_bytes=fs.dirty_bytes,
                         cached_inodes=len(fs.inodes), head_gen=fs.chain[0][1],
                         sync_requests=committer.requests, flush_jobs=fs.flush_jobs,
-                        gc_runs=0 if keeper is None else keeper.runs)
+                        gc_runs=0 if keeper is None else keeper.runs,
+                        log_syncs=committer.log_syncs, **_log_stats(fs.log))
         return dict(ok=False, error=f"unknown request {op!r}", exit_code=2)
     return handle
 
 
 async def _serve(fs: Filesystem, committer: GroupCommitter, mountpoint: str, dev: str,
-                 commit_interval_s: float, listener) -> None:
+                 commit_interval_s: float, listener, log_size_bytes: Optional[int]) -> None:
     async with trio.open_nursery() as nursery:
+        if not fs.read_only:
+            nursery.start_soon(_start_log, fs, log_size_bytes)
         nursery.start_soon(_set_read_ahead, dev)
         nursery.start_soon(_periodic_flush, fs, committer, commit_interval_s)
         nursery.start_soon(_unmount_on_signal, mountpoint)
@@ -272,6 +277,40 @@ async def _serve(fs: Filesystem, committer: GroupCommitter, mountpoint: str, dev
             nursery.start_soon(control.serve, listener, _control_handler(fs, committer, mountpoint, keeper))
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+def _log_stats(writer: Optional[LogWriter]) -> dict:
+    if writer is None:
+        return dict(log_enabled=False)
+    return dict(log_enabled=True, log_records=writer.records, log_batches=writer.batches,
+                log_bytes_written=writer.bytes_written, log_used_bytes=writer.used_bytes,
+                log_capacity_bytes=writer.capacity_bytes)
+
+
+async def _start_log(fs: Filesystem, size_bytes: Optional[int]) -> None:
+    """Give the volume its intent log. The file is made at the first
+    read-write mount (or when --log-size asks for another size: after the
+    replay at mount it holds nothing), in a thread, as writing its zeros
+    takes a moment: until then, and for good if it cannot be made (a full
+    disk) or with --log-size 0, every fsync is a fold -- three device
+    flushes instead of one, nothing else changes."""
+    store = fs.store
+    path = intent_log.log_path(store.logs_dir, fs.vol_id)
+    if size_bytes == 0:
+        return
+    try:
+        if not os.path.exists(path) or (size_bytes and os.path.getsize(path) != size_bytes):
+            await trio.to_thread.run_sync(intent_log.create_file, path, fs.vol_id, store.uuid,
+                                          size_bytes or intent_log.LOG_BYTES)
+        with fs.env.begin() as txn:
+            state = intent_log.read_state(txn, fs.env, fs.vol_id)
+        writer = LogWriter(path, state, fs.env, store.chunks, on_failure=fs.log_failed)
+    except OSError as exc:
+        log.warning("volume id %d has no intent log (%s): every fsync commits to the packs "
+                    "directly", fs.vol_id, exc)
+        return
+    writer.on_synced_count = fs.note_synced
+    fs.log = writer
 
 
 def _mount_options(volume: str, read_only: bool) -> set:
@@ -320,7 +359,8 @@ class _Ready:
 
 
 def run(store_path: str, mountpoint: str, volume: str, ready_fd: Optional[int] = None,
-        commit_interval_s: float = DEFAULT_COMMIT_INTERVAL_S) -> int:
+        commit_interval_s: float = DEFAULT_COMMIT_INTERVAL_S,
+        log_size_bytes: Optional[int] = None) -> int:
     """Mount and serve until unmounted; returns the process exit code."""
     ready = _Ready(ready_fd)
     try:
@@ -339,11 +379,14 @@ def run(store_path: str, mountpoint: str, volume: str, ready_fd: Optional[int] =
         dev = find_mount(mnt)["dev"]
         _write_registry(dev, dict(pid=os.getpid(), store=store.path, volume=volume,
                                   mountpoint=mnt, status="mounted"))
+        # The control socket before "ready": commands may talk to the volume
+        # as soon as `cowfs mount` returned.
+        listener = None if fs.read_only else control.listen(store.run_dir, fs.vol_id)
         ready.send("OK")
         log.info("volume %s of %s mounted at %s (pid %d)", volume, store.path, mnt, os.getpid())
-        listener = None if fs.read_only else control.listen(store.run_dir, fs.vol_id)
         try:
-            status = _serve_until_unmounted(fs, committer, mnt, dev, commit_interval_s, listener)
+            status = _serve_until_unmounted(fs, committer, mnt, dev, commit_interval_s, listener,
+                                            log_size_bytes)
         finally:
             if listener is not None:
                 listener.close()
@@ -371,6 +414,7 @@ def _prepare(store_path: str, mountpoint: str, target: str):
             gen = None if snap is None else snapshots.snapshot_gen(txn, store.env, vol_id, vol_name, snap)
         if snap is None:
             lock = store.lock_volume(vol_id, vol_name, f"mounted at {mnt}")
+            _replay(store, vol_id, vol_name, lock)
         else:
             lock = store.lock_snapshot(vol_id, gen, target, exclusive=False, holder=f"mounted at {mnt}")
             _recheck_snapshot(store, vol_id, vol_name, snap, gen, lock)
@@ -388,6 +432,18 @@ def _prepare(store_path: str, mountpoint: str, target: str):
     return store, lock, fs, mnt
 
 
+def _replay(store: Store, vol_id: int, vol_name: str, lock) -> None:
+    """Before serving: the writes a crashed predecessor acknowledged through
+    the intent log go into LMDB (and the log starts a new epoch)."""
+    try:
+        store.prepare_for_logs()
+        log_replay.replay(store, vol_id)
+    except (OSError, lmdb.Error) as exc:
+        lock.release()
+        raise StoreIOError(f"replaying the intent log of volume {vol_name} failed: {exc}; "
+                           "nothing was changed, check the disk and mount again") from exc
+
+
 def _recheck_snapshot(store: Store, vol_id: int, vol_name: str, snap: str, gen: int, lock) -> None:
     """The snapshot may have been destroyed between the lookup and our shared lock."""
     with store.env.begin() as txn:
@@ -402,13 +458,15 @@ def _recheck_snapshot(store: Store, vol_id: int, vol_name: str, snap: str, gen: 
 
 
 def _serve_until_unmounted(fs: Filesystem, committer: GroupCommitter, mnt: str, dev: str,
-                           commit_interval_s: float, listener) -> int:
+                           commit_interval_s: float, listener, log_size_bytes: Optional[int]) -> int:
     unmounted = False
     try:
-        trio.run(_serve, fs, committer, mnt, dev, commit_interval_s, listener)
+        trio.run(_serve, fs, committer, mnt, dev, commit_interval_s, listener, log_size_bytes)
         unmounted = True
     finally:
-        error = _final_flush(fs)
+        error = _final_flush(fs)        # a fold that covers every intent-log record
+        if fs.log is not None:
+            fs.log.close()
         pyfuse3.close(unmount=not unmounted)
         if error is not None:
             _write_json(final_status_path(os.getpid()), dict(mountpoint=mnt, error=error))

@@ -43,7 +43,11 @@ from . import catalog, schema, snapshots
 from .commit import Commit, FileUpdate, is_full_disk, sync_environment
 from .errors import FsError, VolumeStoppedError
 from .flush_job import FlushJob
+from . import intent_log, log_writer
+from .chunks import is_zero
 from .inode import Inode
+from .intent_log import LogState
+from .log_writer import Batch
 from .namespace import NAME_MAX_BYTES, NamespaceOps, _Change
 from .read_plan import ReadPlan
 from .store import Store
@@ -54,6 +58,11 @@ log = logging.getLogger(__name__)
 # loop keeps taking writes into fresh buffers meanwhile); beyond twice it,
 # the write waits for a flush: buffered memory stays under 2x this.
 DIRTY_LIMIT_BYTES = 32 << 20
+# An fsync whose record would take more than this fraction of the intent log
+# folds instead (a large write goes to the packs directly, like ZFS's large
+# blocks); past LOG_FOLD_FRACTION in use, a fold starts in the background.
+LOG_BYPASS_FRACTION = 0.125
+LOG_FOLD_FRACTION = 0.5
 
 
 class Filesystem(NamespaceOps):
@@ -73,9 +82,14 @@ class Filesystem(NamespaceOps):
         self._next_dir_fh = 1
         self.stopped: Optional[str] = None     # why the volume stopped (rule 3), or None
         self._inflight: Optional[FlushJob] = None
-        # Commits since the environment was last synced (the daemon's
-        # commits leave the meta page unflushed: schema.Env metasync=False).
-        self.unsynced_commits = 0
+        # Changes committed (namespace, truncate, snapshot), and how many of
+        # them the last completed environment sync covers: the daemon's
+        # commits leave the meta page unflushed (schema.Env metasync=False),
+        # so an fsync, and every intent-log record, first needs them synced.
+        self.commit_count = 0
+        self.synced_count = 0
+        # The volume's intent log (`log_writer`), when the daemon has one.
+        self.log = None
         # Chunk entries freed by commits not yet synced: their blocks go back
         # to the filesystem after the next environment sync (rule 4).
         self._to_reclaim: list[tuple[int, int, int]] = []
@@ -177,7 +191,7 @@ class Filesystem(NamespaceOps):
             raise
         with self._flush_guard():
             freed = commit.finish(txn)                  # the commit point (rule 2)
-        self.unsynced_commits += 1
+        self.commit_count += 1
         self._to_reclaim.extend(freed)
         change.apply_to_cache()
         self._after_change(change, updates)
@@ -237,6 +251,12 @@ class Filesystem(NamespaceOps):
             raise VolumeStoppedError(self.stopped)     # rule 3: never a late success
         chosen = [self.inodes[ino]         # look up all first: nothing below may raise
                   for ino in (self.dirty_inos if inos is None else self.dirty_inos & inos)]
+        log_cover = None
+        if inos is None and self.log is not None:
+            # Every record reserved so far holds data that is in these
+            # buffers (or committed already): replay starts after them.
+            log_cover = (self.vol_id, LogState(self.log.epoch, self.log.next_seq, self.log.head,
+                                               self.log.next_seq))
         entries = []
         for inode in chosen:         # never purged ones: `_mark_dirty` keeps them out
             self.dirty_inos.discard(inode.ino)
@@ -244,12 +264,12 @@ class Filesystem(NamespaceOps):
             inode.flushing, inode.dirty = inode.dirty, {}
             inode.attrs_dirty = False
             inode.in_job = True
+        sync_env = sync_env and (bool(entries) or log_cover is not None
+                                 or self.commit_count > self.synced_count or bool(self._to_reclaim))
         job = FlushJob(self.env, self.store.chunks, self.chunk_size, entries, list(self.chain),
-                       sync_env=sync_env and (bool(entries) or self.unsynced_commits > 0
-                                              or bool(self._to_reclaim)),
-                       to_reclaim=self._to_reclaim if sync_env else [])
+                       sync_env=sync_env, to_reclaim=self._to_reclaim if sync_env else [],
+                       log_cover=log_cover, synced_count=self.commit_count)
         if job.sync_env:
-            self.unsynced_commits = 0
             self._to_reclaim = []
         self._inflight = job
         self.flush_jobs += 1
@@ -266,17 +286,22 @@ class Filesystem(NamespaceOps):
             if job.error is None:
                 for inode, frozen, _ in job.entries:
                     self._release_frozen(inode, frozen)
+                if job.sync_env:
+                    self.synced_count = max(self.synced_count, job.synced_count)
+                if job.log_cover is not None and job.sync_env:
+                    self.log.folded(job.log_cover[1].start_offset)
             else:
                 job.outcome = self._flush_failed(job.error)
                 self._rebuffer(job)
             if job.sync_env and not job.reclaimed:
                 self._to_reclaim.extend(job.to_reclaim)      # after the next sync
-                self.unsynced_commits += 1
         if job.outcome is not None:
             raise job.outcome
 
     def _release_frozen(self, inode: Inode, frozen: dict) -> None:
         self.dirty_bytes -= len(frozen) * self.chunk_size
+        # Committed: a chunk not written again since needs no record any more.
+        inode.unlogged.difference_update(idx for idx in frozen if idx not in inode.dirty)
         if inode.flushing is frozen:
             inode.flushing = {}
         inode.in_job = False
@@ -358,9 +383,77 @@ class Filesystem(NamespaceOps):
         # A failed sync stops the volume like a failed commit (rule 3).
         with self._flush_guard():
             sync_environment(self.env)
-        self.unsynced_commits = 0
+        self.synced_count = self.commit_count
         to_reclaim, self._to_reclaim = self._to_reclaim, []
         self.store.chunks.reclaim(to_reclaim, synced=True)
+
+    # --- the intent log: an fsync as one record (see intent_log, log_writer) ------------
+
+    def log_sync(self, ino: int) -> Optional[int]:
+        """Queue what an fsync of `ino` needs: the file's changes since its
+        last record as a new record, and an environment sync first if a
+        namespace change is not durable yet. Returns the writer's ticket to
+        wait for, or None when the log cannot take it (full, or a record
+        larger than LOG_BYPASS_FRACTION of the log: then a fold covers it)."""
+        if self.stopped is not None:
+            raise VolumeStoppedError(self.stopped)     # rule 3: never a late success
+        inode = self.get(ino)
+        log = self.log
+        needs_env_sync = self.commit_count > self.synced_count
+        if not inode.unlogged and not inode.attrs_unlogged:
+            if not needs_env_sync:
+                return inode.log_ticket             # 0, or the batch of its last record
+            return self._submit_log(Batch(), needs_env_sync)
+        parts = self._log_payload(inode)
+        payload_bytes = sum(len(part) for part in parts)
+        if payload_bytes > LOG_BYPASS_FRACTION * log.capacity_bytes:
+            return None
+        reserved = log.reserve(log_writer.record_bytes(payload_bytes))
+        if reserved is None:
+            return None
+        seq, offset, wrap = reserved
+        batch = Batch(writes=wrap + [(offset, intent_log.encode(intent_log.KIND_INODE, log.epoch,
+                                                                seq, parts))], last_seq=seq)
+        inode.unlogged.clear()
+        inode.attrs_unlogged = False
+        inode.logged_seq = seq
+        inode.log_ticket = self._submit_log(batch, needs_env_sync)
+        if log.used_bytes > LOG_FOLD_FRACTION * log.capacity_bytes and self.background_flush:
+            self.background_flush()         # fold early: a full log would make fsyncs fold
+        return inode.log_ticket
+
+    def _log_payload(self, inode: Inode) -> list:
+        """The record of `inode`: its data attributes and every chunk changed
+        since its last record, copied (up to the file's size; b"" for zeros)."""
+        cs, size = self.chunk_size, inode.attrs["size"]
+        chunks = {}
+        for idx in sorted(inode.unlogged):
+            buf = inode.buffered(idx)
+            length = max(min(cs, size - idx * cs), 0)
+            if buf is None or length == 0:
+                continue            # past the end, or committed with the file's truncate
+            data = bytes(memoryview(buf)[:length])
+            chunks[idx] = b"" if is_zero(data) else data
+        return intent_log.InodeUpdate(inode.ino, inode.attrs, chunks).payload_parts()
+
+    def _submit_log(self, batch: Batch, needs_env_sync: bool) -> int:
+        if needs_env_sync:
+            batch.sync_env, batch.synced_count = True, self.commit_count
+            batch.to_reclaim, self._to_reclaim = self._to_reclaim, []
+        return self.log.submit(batch)
+
+    def note_synced(self, synced_count: int) -> None:
+        """An environment sync made the first `synced_count` changes durable."""
+        self.synced_count = max(self.synced_count, synced_count)
+
+    def log_failed(self, exc: BaseException) -> FsError:
+        """Writing or syncing the intent log failed: the volume stops (rule 3),
+        whatever the errno -- the log is preallocated, so not even ENOSPC is
+        a full disk a retry could honestly fix. Returns what waiters get."""
+        if self.stopped is None:
+            self.stopped = f"writing the intent log of volume {self.vol_id} of {self.store.path} failed: {exc}"
+            log.error("%s; the volume stops accepting writes until remounted (rule 3)", self.stopped)
+        return VolumeStoppedError(self.stopped)
 
     # --- attributes ------------------------------------------------------------------
 
@@ -410,6 +503,7 @@ class Filesystem(NamespaceOps):
                 changed = True
         if changed:
             inode.attrs["ctime_ns"] = now_ns
+            inode.attrs_unlogged = True
             self._mark_dirty(inode)
         return inode
 
@@ -444,6 +538,14 @@ class Filesystem(NamespaceOps):
             attrs = ch.attrs(inode)
             attrs["size"] = new_size
             attrs["mtime_ns"] = attrs["ctime_ns"] = time.time_ns()
+            if inode.logged_seq:
+                # This commit holds the file's whole state: replay must not
+                # apply its older records over it (a truncated tail would
+                # come back).
+                ch.txn.put(schema.log_fence_key(self.vol_id, inode.ino),
+                           schema.pack_le_u64(inode.logged_seq), db=self.env.logs)
+        inode.unlogged.clear()
+        inode.attrs_unlogged = False
 
     # --- data ----------------------------------------------------------------------------
 
@@ -513,7 +615,9 @@ class Filesystem(NamespaceOps):
                     inode.dirty[idx] = buf
                     self.dirty_bytes += cs
                 buf[within:within + n] = view[pos:pos + n]
+            inode.unlogged.add(idx)
             pos += n
+        inode.attrs_unlogged = True
         attrs = inode.attrs
         attrs["size"] = max(attrs["size"], offset + len(data))
         attrs["mtime_ns"] = attrs["ctime_ns"] = time.time_ns()

@@ -16,13 +16,14 @@ job in flight (`Filesystem._settle_inflight`): one pack appender at a time.
 import threading
 from typing import Optional
 
+from . import schema
 from .commit import Commit, FileUpdate, sync_environment
 from .errors import FsError
 
 
 class FlushJob:
     def __init__(self, env, chunk_store, chunk_size: int, entries: list, chain: list,
-                 sync_env: bool, to_reclaim: list):
+                 sync_env: bool, to_reclaim: list, log_cover=None, synced_count: int = 0):
         self.env = env
         self.chunks = chunk_store
         self.chunk_size = chunk_size
@@ -33,6 +34,11 @@ class FlushJob:
         # synced the environment (rule 4); then this job's own.
         self.to_reclaim = to_reclaim
         self.reclaimed = False
+        # (vol_id, LogState) when this fold covers every intent-log record
+        # reserved before it froze: that state is committed with the fold,
+        # so replay starts after them (never applying one twice).
+        self.log_cover = log_cover
+        self.synced_count = synced_count      # namespace commits its environment sync covers
         self.done = threading.Event()
         self.error: Optional[BaseException] = None      # what `run` raised
         self.outcome: Optional[FsError] = None          # what the fsync callers get
@@ -41,7 +47,7 @@ class FlushJob:
     def run(self) -> None:
         """Any thread: commit (rules 1, 2), environment sync, give freed space back."""
         try:
-            if self.entries:
+            if self.entries or self.log_cover is not None:
                 self._commit()
             if self.sync_env:
                 # The daemon's environment skips the meta-page flush at
@@ -62,6 +68,9 @@ class FlushJob:
         txn = self.env.begin(write=True)
         try:
             commit.write(txn)
+            if self.log_cover is not None:
+                vol_id, state = self.log_cover
+                txn.put(schema.log_state_key(vol_id), state.pack(), db=self.env.logs)
         except BaseException:
             txn.abort()
             raise

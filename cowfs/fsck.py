@@ -11,7 +11,7 @@ import stat
 
 import lmdb
 
-from . import catalog, schema
+from . import catalog, intent_log, log_replay, schema
 from .errors import StoreError
 from .store import Store
 
@@ -37,6 +37,7 @@ def check(store: Store, verify_data: bool = False) -> Report:
         _name_damaged_users(txn, env, report)
         _check_snapshots(txn, env, vols, report)
         _check_holds_and_policies(txn, env, vols, report)
+        _check_log_states(txn, env, vols, report)
         for vol_id, record in vols.items():
             try:
                 _check_tree(txn, env, vol_id, record, report)
@@ -106,6 +107,22 @@ def _check_holds_and_policies(txn, env, vols: dict, report: Report) -> None:
         vol_id = schema.read_u64(bytes(key))
         if vol_id not in vols:
             report.add(f"snapshot policy of missing volume id {vol_id}")
+
+
+def _check_log_states(txn, env, vols: dict, report: Report) -> None:
+    """An intent-log state or fence must belong to a volume, and a state must
+    point where replay can start (else a replay would read from nowhere)."""
+    for key, raw in txn.cursor(db=env.logs):
+        key = bytes(key)
+        vol_id = schema.read_u64(key)
+        if vol_id not in vols:
+            report.add(f"intent-log {'fence' if schema.is_log_fence_key(key) else 'state'} "
+                       f"of missing volume id {vol_id}")
+        elif not schema.is_log_fence_key(key):
+            state = intent_log.LogState.unpack(bytes(raw))
+            if (state.start_offset < intent_log.DATA_START or state.start_offset % intent_log.BLOCK
+                    or state.start_seq > state.next_seq):
+                report.add(f"volume {vols[vol_id]['name']}: intent-log state is impossible ({state})")
 
 
 # --- records ------------------------------------------------------------------------------
@@ -306,6 +323,9 @@ def _chunk_size(txn, env) -> int:
 def run(store_path: str, verify_data: bool = False) -> Report:
     store = Store.open(store_path)
     try:
+        # Like e2fsck replaying a journal: an unmounted volume's log after a
+        # crash holds acknowledged writes the check must see.
+        log_replay.replay_unmounted(store)
         return check(store, verify_data)
     except lmdb.Error as exc:
         # LMDB has no page checksums: a damaged page shows up as an error

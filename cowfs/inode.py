@@ -12,7 +12,8 @@ from typing import Optional
 
 class Inode:
     __slots__ = ("ino", "attrs", "target", "lookups", "opens", "dirty", "flushing",
-                 "in_job", "attrs_dirty", "purged")
+                 "in_job", "attrs_dirty", "purged", "unlogged", "attrs_unlogged",
+                 "logged_seq", "log_ticket")
 
     def __init__(self, ino: int, attrs: dict, target: bytes = b""):
         self.ino = ino
@@ -29,6 +30,14 @@ class Inode:
         self.in_job = False
         self.attrs_dirty = False
         self.purged = False                # records deleted; only kernel references remain
+        # The intent log (see `intent_log`): chunks and attributes changed
+        # since this file's last record; the seq of that record and the
+        # writer's batch that holds it (an fsync with nothing new to log
+        # still waits for that batch).
+        self.unlogged: set[int] = set()
+        self.attrs_unlogged = False
+        self.logged_seq = 0
+        self.log_ticket = 0
 
     @property
     def is_dir(self) -> bool:

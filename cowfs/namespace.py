@@ -87,6 +87,7 @@ class _Change:
             self.delete(schema.KIND_XATTR, record_key)
         self.delete(schema.KIND_INODE, ino_key)
         txn.delete(schema.orphan_key(fs.vol_id, inode.ino), db=fs.env.orphans)
+        txn.delete(schema.log_fence_key(fs.vol_id, inode.ino), db=fs.env.logs)
         self.purged.append(inode)
 
     def write_records(self) -> None:

@@ -309,6 +309,7 @@ def _forget_lifecycle(txn, env, vol_id: int) -> None:
     """A destroyed volume takes no more scheduled snapshots and needs no path index."""
     txn.delete(schema.policy_key(vol_id), db=env.policies)
     _delete_prefix(txn, env.paths, schema.u64(vol_id))
+    _delete_prefix(txn, env.logs, schema.log_prefix(vol_id))
 
 
 def _remove_volume(txn, env, vol_id: int, batch) -> None:

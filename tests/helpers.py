@@ -47,6 +47,29 @@ def daemon_pid(mountpoint: str) -> int:
     return info["pid"]
 
 
+def daemon_stats(store: str, volume: str = "main") -> dict:
+    """The `stats` answer of the daemon that mounts `volume` (and its vol_id)."""
+    sys.path.insert(0, REPO)
+    from cowfs import control, volumes
+    from cowfs.store import Store
+    s = Store.open(store)
+    try:
+        with s.env.begin() as txn:
+            vol_id = volumes.volume_id(txn, s.env, volume)
+        return dict(control.request(s.run_dir, vol_id, {"op": "stats"}), vol_id=vol_id)
+    finally:
+        s.close()
+
+
+def wait_for_log(store: str, volume: str = "main", timeout_s: float = 60) -> None:
+    """A daemon writes its intent log's zeros in the background at a volume's
+    first mount; until then fsyncs fold. Tests of the log wait for it."""
+    deadline = time.monotonic() + timeout_s
+    while not daemon_stats(store, volume)["log_enabled"]:
+        assert time.monotonic() < deadline, "the intent log never came up"
+        time.sleep(0.02)
+
+
 def wait_gone(pid: int, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
