@@ -11,7 +11,9 @@ module; the tests run in file order:
 3. the proof (module fixture `story`): an open-loop ledger through
    PgBouncer during `cutover --online`, then `rollback-cutover --online`,
    with DDL tried on live all the while, then `finish-cutover`. The tests
-   after it each check one promise on what was recorded.
+   after it each check one promise on what was recorded;
+4. switching or finishing the closed window is a one-line error;
+5. the same cutover without PgBouncer: clients see errors, lose no commit.
 
 The longest commit wait a ledger client saw is printed as a figure
 (COWFS_FIGURE lines), never asserted: the machine is shared.
@@ -388,6 +390,17 @@ def test_finish_closes_the_window_and_keeps_the_serving_version(story):
     assert {"live", "live-pg18"} <= story.volumes_after_finish
     assert any("live-pg18" in line for line in story.finish["remains"])
 
+
+
+def test_switching_or_finishing_a_closed_window_is_a_one_line_error(live, story):
+    result, _ = online(live, "rollback-cutover", name="closed-rollback")
+    assert_one_line_error(result, 2, "finished", "nothing to switch")
+    result, _ = online(live, "finish-cutover", name="closed-finish")
+    assert_one_line_error(result, 2, "finished")
+    result = live.pg("rollback-cutover", live.store, "live", "--mountpoint", live.mnt,
+                     "--old-bin", live.old_bin)
+    assert_one_line_error(result, 2, "was online", "--online")
+    assert through_bouncer(live).server_version().startswith("14.")
 
 # --- 4. without PgBouncer ------------------------------------------------------------------------
 

@@ -127,6 +127,8 @@ class _OnlineCutover:
         except (CowfsError, KeyboardInterrupt) as exc:
             if self.report.failed_step is None:
                 self.report.error = str(exc) or "interrupted"
+            if switched(self.window):
+                return self.report
             self._abort()
             return self.report
         self.report.facts.update(facts)
@@ -249,6 +251,18 @@ class _OnlineCutover:
                 f"then 'cowfs destroy {self.store.path} {self.snapshot}'")
 
 
+def switched(window: Optional[Window]) -> bool:
+    """After a failure: did the new server take the live endpoint? Then the window stays open.
+
+    The switch records that itself; this covers an interruption between the
+    takeover and that record.
+    """
+    if window is None or window.serving != "new":
+        return False
+    window.save()
+    return True
+
+
 def close_live_side(server: PgServer, window: Window, databases: list) -> None:
     """Remove what the window added to a server: its slots, publication and DDL block."""
     for name in replication.existing_slots(server, window.links_to("new") + window.links_to("old")):
@@ -291,6 +305,7 @@ def _rollback(window: Window, console: Optional[PgBouncerConsole], pause_limit_s
     except (CowfsError, KeyboardInterrupt) as exc:
         if report.failed_step is None:
             report.error = str(exc) or "interrupted"
+        window.save()                # who serves, should the switch have happened after all
         report.remains.append(f"PostgreSQL {window.side(window.serving).major} serves; the window "
                               "stays open")
         return report

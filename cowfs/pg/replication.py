@@ -143,7 +143,7 @@ def create_slot(server: PgServer, database: str, name: str, timeout_s: float) ->
 
 def drop_slot(server: PgServer, name: str) -> None:
     """Drop a slot if it exists, once its walsender let go of it (terminated if it does not)."""
-    deadline = time.monotonic() + SLOT_RELEASE_TIMEOUT_S
+    started = time.monotonic()
     while True:
         row = server.psql(f"SELECT active, active_pid FROM pg_replication_slots "
                           f"WHERE slot_name = {literal(name)}")
@@ -152,7 +152,11 @@ def drop_slot(server: PgServer, name: str) -> None:
         active, pid = row.split("|")
         if active != "t":
             break
-        if time.monotonic() > deadline:
+        waited_s = time.monotonic() - started
+        if waited_s > 2 * SLOT_RELEASE_TIMEOUT_S:
+            raise PgError(f"replication slot {name} on {server.data_dir} stays in use (pid {pid}); "
+                          "drop the subscription that uses it, then the slot")
+        if waited_s > SLOT_RELEASE_TIMEOUT_S:
             server.psql(f"SELECT pg_terminate_backend({pid})")
         time.sleep(POLL_S * 5)
     server.psql(f"SELECT pg_drop_replication_slot({literal(name)})")

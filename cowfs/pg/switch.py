@@ -74,14 +74,9 @@ class Switch:
 
     def run(self) -> dict:
         """Switch; facts for the report (write_pause_s, replication_lag_at_switch...)."""
-        facts = {}
         try:
             self._prepare_return_link()
-        except BaseException:
-            self._give_up()
-            raise
-        try:
-            facts.update(self._hold_and_drain())
+            facts = self._hold_and_drain()
         except BaseException:
             self._give_up()
             raise
@@ -90,7 +85,8 @@ class Switch:
         except BaseException:
             self._swap_back()
             raise
-        self._resume()
+        # B serves from here on: nothing below may undo that, not even Ctrl-C.
+        self._resume_after_swap()
         facts["write_pause_s"] = round(time.monotonic() - self.paused_at, 3)
         facts["clients_saw"] = (f"a wait in PgBouncer of at most {facts['write_pause_s']:.2f} s"
                                 if self.console else
@@ -223,6 +219,16 @@ class Switch:
             else:
                 self.console.resume()
                 step.detail = f"clients go on, on {self.b_key}"
+
+    def _resume_after_swap(self) -> None:
+        try:
+            self._resume()
+        except BaseException as exc:
+            try:
+                self._resume_quietly()
+            except BaseException:
+                self.report.remains.append(f"PgBouncer is still PAUSED ({exc}): run RESUME on "
+                                           "its console now")
 
     def _resume_quietly(self) -> None:
         if self.console is not None:
