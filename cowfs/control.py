@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from .errors import BusyError, CowfsError
+from .errors import EXIT_IO, BusyError, CowfsError, FsError
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,10 @@ async def _answer(conn, stream, handle):
         return await handle(json.loads(data))
     except CowfsError as exc:
         return dict(ok=False, error=str(exc), exit_code=exc.exit_code)
+    except FsError as exc:
+        # A failed flush (EIO, ENOSPC): what `cowfs umount` and a snapshot
+        # report the same way -- an I/O error or a full disk, exit code 7.
+        return dict(ok=False, error=f"flushing the volume failed: {exc}", exit_code=EXIT_IO)
     except Exception as exc:
         log.exception("control request failed")
         return dict(ok=False, error=f"daemon error: {exc}", exit_code=1)

@@ -234,8 +234,9 @@ async def _scheduled_step(fs: Filesystem, mountpoint: str) -> Optional[policy.Po
     return pol
 
 
-def _control_handler(fs: Filesystem, committer: GroupCommitter, mountpoint: str,
-                     keeper: Optional[SpaceKeeper]):
+def _control_handler(ops: FuseOps, mountpoint: str, keeper: Optional[SpaceKeeper]):
+    fs, committer = ops.fs, ops.committer
+
     async def handle(request: dict) -> dict:
         op = request.get("op")
         if op == "release-pack":
@@ -255,13 +256,15 @@ def _control_handler(fs: Filesystem, committer: GroupCommitter, mountpoint: str,
                         cached_inodes=len(fs.inodes), head_gen=fs.chain[0][1],
                         sync_requests=committer.requests, flush_jobs=fs.flush_jobs,
                         gc_runs=0 if keeper is None else keeper.runs,
-                        log_syncs=committer.log_syncs, **_log_stats(fs.log))
+                        log_syncs=committer.log_syncs, fuse_requests=dict(ops.requests),
+                        **_log_stats(fs.log))
         return dict(ok=False, error=f"unknown request {op!r}", exit_code=2)
     return handle
 
 
-async def _serve(fs: Filesystem, committer: GroupCommitter, mountpoint: str, dev: str,
+async def _serve(ops: FuseOps, mountpoint: str, dev: str,
                  commit_interval_s: float, listener, log_size_bytes: Optional[int]) -> None:
+    fs, committer = ops.fs, ops.committer
     async with trio.open_nursery() as nursery:
         if not fs.read_only:
             nursery.start_soon(_start_log, fs, log_size_bytes)
@@ -274,7 +277,7 @@ async def _serve(fs: Filesystem, committer: GroupCommitter, mountpoint: str, dev
             nursery.start_soon(keeper.run)
             nursery.start_soon(_scheduler, fs, mountpoint)
         if listener is not None:
-            nursery.start_soon(control.serve, listener, _control_handler(fs, committer, mountpoint, keeper))
+            nursery.start_soon(control.serve, listener, _control_handler(ops, mountpoint, keeper))
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -360,7 +363,7 @@ class _Ready:
 
 def run(store_path: str, mountpoint: str, volume: str, ready_fd: Optional[int] = None,
         commit_interval_s: float = DEFAULT_COMMIT_INTERVAL_S,
-        log_size_bytes: Optional[int] = None) -> int:
+        log_size_bytes: Optional[int] = None, xattrs: bool = True) -> int:
     """Mount and serve until unmounted; returns the process exit code."""
     ready = _Ready(ready_fd)
     try:
@@ -372,8 +375,8 @@ def run(store_path: str, mountpoint: str, volume: str, ready_fd: Optional[int] =
     status = 0
     try:
         try:
-            committer = GroupCommitter(fs)
-            pyfuse3.init(FuseOps(fs, committer), mnt, _mount_options(volume, fs.read_only))
+            ops = FuseOps(fs, GroupCommitter(fs), xattrs)
+            pyfuse3.init(ops, mnt, _mount_options(volume, fs.read_only))
         except RuntimeError as exc:
             raise BusyError(f"mounting {mnt} failed ({exc}); is /dev/fuse usable?") from exc
         dev = find_mount(mnt)["dev"]
@@ -385,7 +388,7 @@ def run(store_path: str, mountpoint: str, volume: str, ready_fd: Optional[int] =
         ready.send("OK")
         log.info("volume %s of %s mounted at %s (pid %d)", volume, store.path, mnt, os.getpid())
         try:
-            status = _serve_until_unmounted(fs, committer, mnt, dev, commit_interval_s, listener,
+            status = _serve_until_unmounted(ops, mnt, dev, commit_interval_s, listener,
                                             log_size_bytes)
         finally:
             if listener is not None:
@@ -457,11 +460,12 @@ def _recheck_snapshot(store: Store, vol_id: int, vol_name: str, snap: str, gen: 
                             "'cowfs list STORE' shows the snapshots")
 
 
-def _serve_until_unmounted(fs: Filesystem, committer: GroupCommitter, mnt: str, dev: str,
+def _serve_until_unmounted(ops: FuseOps, mnt: str, dev: str,
                            commit_interval_s: float, listener, log_size_bytes: Optional[int]) -> int:
+    fs = ops.fs
     unmounted = False
     try:
-        trio.run(_serve, fs, committer, mnt, dev, commit_interval_s, listener, log_size_bytes)
+        trio.run(_serve, ops, mnt, dev, commit_interval_s, listener, log_size_bytes)
         unmounted = True
     finally:
         error = _final_flush(fs)        # a fold that covers every intent-log record

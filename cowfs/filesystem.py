@@ -575,14 +575,18 @@ class Filesystem(NamespaceOps):
         if offset >= end:
             return plan
         wanted_idx, wanted_ids = [], []
+        first, last = offset // cs, (end - 1) // cs
         with self.env.begin() as txn:
-            for idx in range(offset // cs, (end - 1) // cs + 1):
-                buf = inode.buffered(idx)
+            stored = {schema.chunk_index_of(key): chunk_id for key, chunk_id in catalog.get_range(
+                txn, self.env, self.chain, schema.KIND_CHUNK, schema.chunk_key(inode.ino, first),
+                schema.chunk_key(inode.ino, last + 1)).items()}
+            buffered = inode.buffered if inode.dirty or inode.flushing else None
+            for idx in range(first, last + 1):
+                buf = None if buffered is None else buffered(idx)
                 if buf is not None:
                     plan.memory[idx] = bytes(buf)
                     continue
-                chunk_id = catalog.get(txn, self.env, self.chain, schema.KIND_CHUNK,
-                                       schema.chunk_key(inode.ino, idx))
+                chunk_id = stored.get(idx)
                 if chunk_id is not None:        # else a hole: zeros
                     wanted_idx.append(idx)
                     wanted_ids.append(chunk_id)

@@ -21,19 +21,24 @@ class ReadPlan:
         return len(self.stored[0])
 
     def fetch(self) -> bytes:
+        """The bytes of the read: one copy of each chunk into the reply (holes
+        and short chunks stay zeros)."""
         cs, offset, end = self.chunk_size, self.offset, self.end
         if offset >= end:
             return b""
         indices, ids, locations = self.stored
         chunks = dict(self.memory)
         chunks.update(zip(indices, self.chunks.read_located(ids, locations)))
-        parts = []
-        for idx in range(offset // cs, (end - 1) // cs + 1):
+        first = offset // cs
+        if (end - 1) // cs == first and len(chunks.get(first, b"")) >= end - first * cs:
+            # One chunk holds it all (a PostgreSQL page read): no assembly.
+            data = chunks[first]
+            return data if (offset, end) == (first * cs, first * cs + len(data)) else \
+                data[offset - first * cs:end - first * cs]
+        out = bytearray(end - offset)
+        for idx, data in chunks.items():
             base = idx * cs
-            data = chunks.get(idx, b"")
-            lo, hi = max(offset, base) - base, min(end, base + cs) - base
-            piece = data[lo:hi]
-            if len(piece) < hi - lo:      # short chunk or hole: zeros
-                piece += bytes(hi - lo - len(piece))
-            parts.append(piece)
-        return b"".join(parts)
+            lo, hi = max(offset, base) - base, min(end, base + cs, base + len(data)) - base
+            if hi > lo:
+                out[base + lo - offset: base + hi - offset] = data[lo:hi]
+        return out
