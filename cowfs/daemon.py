@@ -479,6 +479,7 @@ def _serve_until_unmounted(ops: FuseOps, mnt: str, dev: str,
 
 
 def _final_flush(fs: Filesystem) -> Optional[str]:
+    fs.unmounting = True
     try:
         try:
             fs.sync_all()      # rule 2: also the metadata of earlier namespace commits

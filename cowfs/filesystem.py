@@ -63,6 +63,9 @@ DIRTY_LIMIT_BYTES = 32 << 20
 # blocks); past LOG_FOLD_FRACTION in use, a fold starts in the background.
 LOG_BYPASS_FRACTION = 0.125
 LOG_FOLD_FRACTION = 0.5
+# Freed chunk space is punched out of the packs in batches of this much
+# (or at once when the store is low on space, or at unmount).
+RECLAIM_BATCH_BYTES = 64 << 20
 
 
 class Filesystem(NamespaceOps):
@@ -90,10 +93,11 @@ class Filesystem(NamespaceOps):
         self.synced_count = 0
         # The volume's intent log (`log_writer`), when the daemon has one.
         self.log = None
-        # Chunk entries freed by commits not yet synced: their blocks go back
-        # to the filesystem after the next environment sync (rule 4).
+        # Chunk entries freed by commits: their blocks go back to the
+        # filesystem after an environment sync (rule 4), in batches (`_reclaim_due`).
         self._to_reclaim: list[tuple[int, int, int]] = []
         self.flush_jobs = 0                     # FlushJobs run (for `stats`)
+        self.unmounting = False                 # the final flush: give back every freed byte
         # Set by the daemon's group committer: starts a flush without waiting.
         self.background_flush: Optional[Callable[[], None]] = None
         # Set by the daemon: told how many chunk bytes a commit freed (their
@@ -265,12 +269,10 @@ class Filesystem(NamespaceOps):
             inode.attrs_dirty = False
             inode.in_job = True
         sync_env = sync_env and (bool(entries) or log_cover is not None
-                                 or self.commit_count > self.synced_count or bool(self._to_reclaim))
+                                 or self.commit_count > self.synced_count)
         job = FlushJob(self.env, self.store.chunks, self.chunk_size, entries, list(self.chain),
-                       sync_env=sync_env, to_reclaim=self._to_reclaim if sync_env else [],
+                       sync_env=sync_env, to_reclaim=self._reclaim_due() if sync_env else [],
                        log_cover=log_cover, synced_count=self.commit_count)
-        if job.sync_env:
-            self._to_reclaim = []
         self._inflight = job
         self.flush_jobs += 1
         return job
@@ -384,8 +386,20 @@ class Filesystem(NamespaceOps):
         with self._flush_guard():
             sync_environment(self.env)
         self.synced_count = self.commit_count
-        to_reclaim, self._to_reclaim = self._to_reclaim, []
-        self.store.chunks.reclaim(to_reclaim, synced=True)
+        self.store.chunks.reclaim(self._reclaim_due(), synced=True)
+
+    def _reclaim_due(self) -> list:
+        """The freed chunk entries to punch out at the sync about to happen:
+        all of them once they add up to RECLAIM_BATCH_BYTES or the store is
+        low on space; none before (each punch is a journalled filesystem
+        change, and files rewritten all the time -- PostgreSQL's statistics
+        -- would cost one at every commit). At unmount, everything."""
+        pending = sum(length for _pack, _offset, length in self._to_reclaim)
+        if not pending or (pending < RECLAIM_BATCH_BYTES and not self.store.packs.space.low()
+                           and not self.unmounting):
+            return []
+        due, self._to_reclaim = self._to_reclaim, []
+        return due
 
     # --- the intent log: an fsync as one record (see intent_log, log_writer) ------------
 
@@ -439,7 +453,7 @@ class Filesystem(NamespaceOps):
     def _submit_log(self, batch: Batch, needs_env_sync: bool) -> int:
         if needs_env_sync:
             batch.sync_env, batch.synced_count = True, self.commit_count
-            batch.to_reclaim, self._to_reclaim = self._to_reclaim, []
+            batch.to_reclaim = self._reclaim_due()
         return self.log.submit(batch)
 
     def note_synced(self, synced_count: int) -> None:

@@ -55,6 +55,9 @@ class LogWriter:
         self.env = env
         self.chunks = chunk_store
         self.on_failure = on_failure
+        # Buffered writes and fdatasync of a zero-filled file: O_DIRECT |
+        # O_DSYNC measured no better here (single-stream 8 KiB fsyncs, 3
+        # alternating rounds: 1302/1624/827 against 1234/1092/823 per second).
         self._fd = os.open(path, os.O_WRONLY)
         self.size_bytes = os.fstat(self._fd).st_size // BLOCK * BLOCK
         self.epoch = state.epoch
@@ -192,9 +195,8 @@ class LogWriter:
             if any(b.sync_env for b in batches):
                 sync_environment(self.env)
                 self.chunks.reclaim([loc for b in batches for loc in b.to_reclaim], synced=True)
-            for batch in batches:
-                for offset, buffers in batch.writes:
-                    self._pwritev(buffers, offset)
+            for offset, buffers in _runs(w for batch in batches for w in batch.writes):
+                self._pwritev(buffers, offset)
             faults.point("log.written")
             self._fdatasync()
             faults.point("log.synced")
@@ -218,6 +220,17 @@ class LogWriter:
     def _fdatasync(self) -> None:
         faults.os_call("log_sync")
         os.fdatasync(self._fd)
+
+
+def _runs(writes) -> list:
+    """(offset, buffers) of writes, back-to-back ones joined (one write each run)."""
+    runs: list = []
+    for offset, buffers in writes:
+        if runs and runs[-1][0] + sum(len(b) for b in runs[-1][1]) == offset:
+            runs[-1][1].extend(buffers)
+        else:
+            runs.append((offset, list(buffers)))
+    return runs
 
 
 def record_bytes(payload_bytes: int) -> int:
