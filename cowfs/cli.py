@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from . import errors, schema
+from . import __version__, errors, schema
 from .cli_common import human, with_store
 from .errors import CowfsError, UsageError
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Typical start: cowfs init /srv/cowfs && mkdir -p /mnt/pg && "
                "cowfs mount /srv/cowfs /mnt/pg",
     )
-    parser.add_argument("--version", action="version", version="cowfs 0.1.0 (store format "
+    parser.add_argument("--version", action="version", version=f"cowfs {__version__} (store format "
                         f"{schema.FORMAT_VERSION})")
     parser.add_argument("--debug", action="store_true", help="log debug messages to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
