@@ -5,12 +5,10 @@ to do>`` on stderr and the exit code of its error class (`errors`).
 """
 
 import argparse
-import logging
 import os
-import subprocess
 import sys
 
-from . import __version__, errors, schema
+from . import __version__, errors, logs, schema
 from .cli_common import human, with_store
 from .errors import CowfsError, UsageError
 
@@ -80,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="commit buffered writes at least this often (default 5); fsync "
                         "always commits at once")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--log-file", help=argparse.SUPPRESS)     # set by the detached start
 
     p = sub.add_parser("umount", help="flush and unmount a mounted volume",
                        description="Unmount a cowfs mount; returns after the daemon committed "
@@ -276,54 +275,39 @@ def _largest(items: list[dict], count: int = 3) -> list[str]:
 def cmd_init(args) -> int:
     from . import volumes
     from .store import Store
-    store = Store.create(args.store, args.chunk_size)
+    path = os.path.abspath(args.store)
+    ours = not os.path.exists(path)          # made by this command: ours to remove if it fails
+    try:
+        store = Store.create(path, args.chunk_size)
+    except OSError as exc:
+        if ours:
+            import shutil
+            shutil.rmtree(path, ignore_errors=True)
+        raise errors.StoreIOError(f"cannot create a store in {path} ({exc.strerror or exc}); give a "
+                                  "directory on a writable local filesystem") from exc
     try:
         with store.env.begin(write=True) as txn:
             volumes.create_empty(txn, store.env, "main")
     finally:
         store.close()
-    print(f"created store {os.path.abspath(args.store)} (chunk size {args.chunk_size} bytes) "
-          "with empty volume 'main'")
+    print(f"created store {path} (chunk size {args.chunk_size} bytes) with empty volume 'main'")
     return 0
 
 
 def cmd_mount(args) -> int:
-    from . import snapshots
+    from . import mounting, snapshots
     snapshots.parse_target(args.volume)
     if args.foreground:
         from . import daemon
+        logs.configure(args.log_file, args.debug)
         return daemon.run(args.store, args.mountpoint, args.volume, args.ready_fd, args.commit_interval)
-    return _spawn_daemon(args)
-
-
-def _spawn_daemon(args) -> int:
-    """Start `cowfs mount --foreground` detached and wait until it says how it went."""
-    run_dir = os.path.join(os.path.abspath(args.store), "run")
-    log_path = os.path.join(run_dir, f"{args.volume}.log") if os.path.isdir(run_dir) else os.devnull
-    read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "cowfs", "mount", args.store, args.mountpoint, "--volume", args.volume,
-           "--foreground", "--ready-fd", str(write_fd), "--commit-interval", str(args.commit_interval)]
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=log_file, start_new_session=True)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        answer = pipe.read().decode(errors="replace").strip()
-    if answer == "OK":
-        return 0
-    if answer.startswith("ERR "):
-        code, _, message = answer[4:].partition(" ")
-        print(f"cowfs: {message}", file=sys.stderr)
-        return int(code)
-    proc.wait()
-    print(f"cowfs: the mount daemon exited with status {proc.returncode} before the mount was "
-          f"ready; see {log_path}", file=sys.stderr)
-    return errors.EXIT_FAILURE
+    mounting.spawn(args.store, args.mountpoint, args.volume, args.commit_interval)
+    return 0
 
 
 def cmd_umount(args) -> int:
-    from . import daemon
-    daemon.unmount(args.mountpoint)
+    from . import mounting
+    mounting.unmount(args.mountpoint)
     return 0
 
 
@@ -352,8 +336,7 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help()
             return errors.EXIT_USAGE
-        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                            format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+        logs.configure(None, args.debug)
         handlers = dict(COMMANDS)
         for module in _command_modules():
             handlers.update(module.COMMANDS)
@@ -368,6 +351,13 @@ def main(argv=None) -> int:
         # none at exit when Python flushes stdout again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return errors.EXIT_FAILURE
+    except OSError as exc:
+        # The last net for an operating-system error that no command turned
+        # into a message of its own: one line, never a traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"cowfs: {args.command} failed: {exc.strerror or exc}{where}; check the path and its "
+              "filesystem, then try again", file=sys.stderr)
+        return errors.EXIT_IO
 
 
 if __name__ == "__main__":
