@@ -200,8 +200,8 @@ def cmd_rename(args) -> int:
 
 def cmd_list(args) -> int:
     import json
-    from . import admin
-    rows = with_store(args, admin.listing)
+    from . import reports
+    rows = with_store(args, reports.listing)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -246,8 +246,8 @@ def cmd_gc(args) -> int:
 
 def cmd_df(args) -> int:
     import json
-    from . import admin
-    report = with_store(args, admin.df)
+    from . import reports
+    report = with_store(args, reports.df)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0

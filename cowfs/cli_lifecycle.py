@@ -122,11 +122,11 @@ def _add_scrub(sub) -> None:
 
 @_command("policy")
 def cmd_policy(args) -> int:
-    from . import admin, policy
+    from . import admin, policy, reports
     if args.volume is None:
         if args.every or args.off:
             raise errors.UsageError("name the volume: cowfs policy STORE VOL --every 1h --keep 24")
-        return _show_policies(args, with_store(args, admin.policies))
+        return _show_policies(args, with_store(args, reports.policies))
     if args.off:
         if args.every:
             raise errors.UsageError("give either --every (set a schedule) or --off (remove it), not both")
@@ -157,9 +157,9 @@ def _show_policies(args, rows: list[dict]) -> int:
 
 @_command("hold")
 def cmd_hold(args) -> int:
-    from . import admin
+    from . import admin, reports
     if args.target is None:
-        rows = [r for r in with_store(args, admin.listing) if r.get("held")]
+        rows = [r for r in with_store(args, reports.listing) if r.get("held")]
         if args.json:
             print(json.dumps([dict(name=r["name"], reason=r["hold_reason"], since=r["held_since"])
                               for r in rows], indent=1))

@@ -21,7 +21,7 @@ from typing import Optional
 import pyfuse3
 import trio
 
-from . import admin, control, mounting, policy, schema, snapshots, volumes
+from . import control, mounting, policy, schema, scheduling, snapshots, volumes
 from .errors import BusyError, CowfsError, FsError, NotFoundError, StoreIOError, UsageError
 # Re-exported for the callers that reach mounts through the daemon module
 # (pg/workspace, tests/helpers, bench/harness); new code uses `mounting`.
@@ -130,22 +130,13 @@ async def _scheduler(fs: Filesystem, mountpoint: str) -> None:
 
 
 async def _scheduled_step(fs: Filesystem, mountpoint: str) -> Optional[policy.Policy]:
-    with fs.env.begin() as txn:
-        pol = policy.get(txn, fs.env, fs.vol_id)
-        last_ns = None if pol is None else admin.last_auto_ns(txn, fs.env, fs.vol_id)
-    if pol is None or not policy.is_due(pol, last_ns, time.time_ns()):
-        return pol
-    # Rule 5, as for `cowfs snapshot`: the kernel hands over its cached
-    # writes, then flush and snapshot commit in one transaction.
-    await trio.to_thread.run_sync(_syncfs, mountpoint)
-    with fs.env.begin() as txn:
-        name = admin.free_snapshot_name(txn, fs.env, fs.vol_id, policy.auto_name(time.time_ns()))
-        vol_name = volumes.volume_record(txn, fs.env, fs.vol_id)["name"]
-    fs.snapshot(name, flags=schema.SNAP_FLAG_AUTO)
-    result = admin.prune_volume(fs.store, fs.vol_id, vol_name)
-    log.info("scheduled snapshot %s@%s; pruned %d (%d bytes freed)%s", vol_name, name,
-             len(result["destroy"]), result["frees_bytes"],
-             f", {len(result['skipped'])} in use" if result["skipped"] else "")
+    pol, due = scheduling.due(fs.store, fs.vol_id, time.time_ns())
+    if due:
+        # Rule 5, as for `cowfs snapshot`: the kernel hands over its cached
+        # writes, then flush and snapshot commit in one transaction.
+        await trio.to_thread.run_sync(_syncfs, mountpoint)
+        scheduling.step(fs.store, fs.vol_id, time.time_ns(),
+                        take=lambda name: fs.snapshot(name, flags=schema.SNAP_FLAG_AUTO))
     return pol
 
 

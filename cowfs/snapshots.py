@@ -83,6 +83,16 @@ def kept_points(txn, env, vol_id: int) -> list[int]:
 
 # --- creating -----------------------------------------------------------------------------
 
+def unique_name(txn, env, vol_id: int, base: str) -> str:
+    """`base`, or `base-2`, `base-3`... if taken: the one way cowfs names a
+    snapshot it makes by itself (scheduled, before a clone, before a rollback)."""
+    name, n = base, 1
+    while txn.get(schema.snapname_key(vol_id, name), db=env.snapnames) is not None:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
 def take(txn, env, vol_id: int, name: str, created_ns: Optional[int] = None, flags: int = 0) -> int:
     """Record the head as snapshot `name` and move the head on; returns the snapshot gen.
 
@@ -361,9 +371,7 @@ def _delete_prefix(txn, db, prefix: bytes) -> None:
 def rollback(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> str:
     """Make the head read as snapshot `snap`; the state before is kept as a snapshot."""
     target_gen = snapshot_gen(txn, env, vol_id, vol_name, snap)
-    undo_name = time.strftime("pre-rollback-%Y%m%dT%H%M%SZ", time.gmtime())
-    while txn.get(schema.snapname_key(vol_id, undo_name), db=env.snapnames) is not None:
-        undo_name += "x"
+    undo_name = unique_name(txn, env, vol_id, time.strftime("pre-rollback-%Y%m%dT%H%M%SZ", time.gmtime()))
     old_head = take(txn, env, vol_id, undo_name)
     head_chain = catalog.volume_chain(txn, env, vol_id)
     target_chain = catalog.volume_chain(txn, env, vol_id, target_gen)

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from cowfs import errors, mounting
-from helpers import REPO, Mount, cowfs, fsck_clean, mount_entry, wait_gone
+from helpers import REPO, Mount, cowfs, fsck_clean, mount_entry
 from test_cli_errors import assert_one_line_error
 
 NOTIFY_TIMEOUT_S = 120          # only against a hang; nothing here measures time
