@@ -21,13 +21,13 @@ from typing import Optional
 import pyfuse3
 import trio
 
-from . import control, mounting, policy, schema, scheduling, snapshots, volumes
+from . import control, logs, mounting, policy, schema, scheduling, snapshots, volumes
 from .errors import BusyError, CowfsError, FsError, NotFoundError, StoreIOError, UsageError
 # Re-exported for the callers that reach mounts through the daemon module
 # (pg/workspace, tests/helpers, bench/harness); new code uses `mounting`.
 from .mounting import FUSE_TYPE, find_mount, read_registry, unmount  # noqa: F401
 from .filesystem import Filesystem
-from .fuse_ops import FuseOps
+from .counted_ops import CountedOps
 from .group_commit import GroupCommitter
 from .space_keeper import SpaceKeeper
 from .store import Store
@@ -157,12 +157,31 @@ def _control_handler(fs: Filesystem, committer: GroupCommitter, mountpoint: str,
                 return dict(ok=True)
             return dict(ok=True, gen=fs.snapshot(request["name"]))
         if op == "stats":
-            return dict(ok=True, pid=os.getpid(), dirty_bytes=fs.dirty_bytes,
-                        cached_inodes=len(fs.inodes), head_gen=fs.chain[0][1],
-                        sync_requests=committer.requests, flush_jobs=fs.flush_jobs,
-                        gc_runs=0 if keeper is None else keeper.runs)
+            return dict(ok=True, **_stats(fs, committer, keeper))
         return dict(ok=False, error=f"unknown request {op!r}", exit_code=2)
     return handle
+
+
+# The FUSE adapter of this process's mount (one mount per daemon process),
+# whose operation figures `stats` reports.
+_mounted_ops: Optional[CountedOps] = None
+
+
+def _stats(fs: Filesystem, committer: GroupCommitter, keeper: Optional[SpaceKeeper]) -> dict:
+    """The `stats` answer. `figures` is passed through as it is by `cowfs status`
+    and `cowfs metrics` (names ending in _total are counters, others gauges):
+    a figure added here shows up there without other changes."""
+    ops = _mounted_ops
+    figures = dict(dirty_bytes=fs.dirty_bytes, cached_inodes=len(fs.inodes), head_gen=fs.chain[0][1],
+                   fsync_requests_total=committer.requests, flush_jobs_total=fs.flush_jobs,
+                   gc_runs_total=0 if keeper is None else keeper.runs,
+                   errors_total=logs.errors.count, **scheduling.figures(),
+                   **({} if ops is None else ops.figures()))
+    return dict(pid=os.getpid(), figures=figures, stopped=fs.stopped,
+                last_error=logs.errors.last or None, last_error_ns=logs.errors.last_ns or None,
+                fsync_latency=None if ops is None else ops.fsync_latency.snapshot(),
+                # the names of before `figures`, kept for existing callers
+                dirty_bytes=fs.dirty_bytes, sync_requests=committer.requests, flush_jobs=fs.flush_jobs)
 
 
 async def _serve(fs: Filesystem, committer: GroupCommitter, mountpoint: str, dev: str,
@@ -229,9 +248,11 @@ def run(store_path: str, mountpoint: str, volume: str, ready_fd: Optional[int] =
 
 def _mount_and_serve(store: Store, fs: Filesystem, mnt: str, volume: str, commit_interval_s: float,
                      ready: mounting.Readiness) -> int:
+    global _mounted_ops
     committer = GroupCommitter(fs)
+    _mounted_ops = CountedOps(fs, committer)
     try:
-        pyfuse3.init(FuseOps(fs, committer), mnt, _mount_options(volume, fs.read_only))
+        pyfuse3.init(_mounted_ops, mnt, _mount_options(volume, fs.read_only))
     except RuntimeError as exc:
         raise BusyError(f"mounting {mnt} failed ({exc}); is /dev/fuse usable?") from exc
     try:
@@ -324,6 +345,8 @@ def _serve_until_unmounted(fs: Filesystem, committer: GroupCommitter, mnt: str, 
         pyfuse3.close(unmount=not unmounted)
         if error is not None:
             mounting.write_json(mounting.final_status_path(os.getpid()), dict(mountpoint=mnt, error=error))
+        else:
+            log.info("%s unmounted; every buffered write is committed", mnt)   # status.CLEAN_EXIT
         mounting.forget_registry(dev)
     return 0 if error is None else StoreIOError.exit_code
 

@@ -50,23 +50,42 @@ class _RotatingLog(logging.handlers.RotatingFileHandler):
         self._point_std_streams()
 
 
+class ErrorCount(logging.Handler):
+    """Counts the ERROR events of this process and keeps the last one, for `cowfs status`."""
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.count = 0
+        self.last: str = ""
+        self.last_ns = 0
+
+    def emit(self, record) -> None:
+        self.count += 1
+        self.last = record.getMessage().splitlines()[0] if record.getMessage() else record.levelname
+        self.last_ns = int(record.created * 1e9)
+
+
+errors = ErrorCount()        # of this process; the daemon reports it in `stats`
+
+
 def log_path(run_dir: str, volume: str) -> str:
     """The log of a mounted volume (or VOL@SNAP for a snapshot mount)."""
     return os.path.join(run_dir, f"{volume}.log")
 
 
-def configure(log_file=None, debug: bool = False) -> None:
-    """Log to `log_file` (rotated) or, without one, to stderr."""
+def configure(log_file=None, debug: bool = False, max_bytes: int = MAX_BYTES) -> None:
+    """Log to `log_file` (rotated at `max_bytes`) or, without one, to stderr."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     if log_file is None:
         handler = logging.StreamHandler()
     else:
-        handler = _RotatingLog(log_file, maxBytes=MAX_BYTES, backupCount=BACKUPS)
+        handler = _RotatingLog(log_file, maxBytes=max_bytes, backupCount=BACKUPS)
         handler._point_std_streams()
     handler.setFormatter(OneLineFormatter(FORMAT))
     root.addHandler(handler)
+    root.addHandler(errors)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
