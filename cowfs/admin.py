@@ -8,7 +8,7 @@ mount it halfway through.
 
 from typing import Optional
 
-from . import control, policy, schema, scheduling, snapshots, volumes
+from . import control, logs, policy, schema, scheduling, snapshots, volumes
 from .errors import BusyError, CowfsError, UsageError
 from .store import Store
 
@@ -84,6 +84,7 @@ def destroy(store: Store, target: str) -> str:
                 message = snapshots.destroy_snapshot(txn, store.env, vol_id, vol, snap, batch)
                 batch.apply(txn)
             scheduling.drop_lock_file(store, vol_id, gen)
+        logs.remove(store.run_dir, target)               # of its read-only mounts
         store.chunks.reclaim(batch.freed_locations)      # the space comes back now, not at gc
         return message
     with _require_unmounted(store, vol_id, vol, "destroying it"):
@@ -94,6 +95,7 @@ def destroy(store: Store, target: str) -> str:
                 batch.apply(txn)
             for gen in locks:
                 scheduling.drop_lock_file(store, vol_id, gen)
+            logs.remove(store.run_dir, vol)              # its daemon logs, its snapshot mounts' too
         finally:
             for lock in locks.values():
                 lock.release()

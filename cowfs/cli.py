@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules():
     """CLI modules of other areas; each has add_commands(sub) and COMMANDS."""
-    from . import cli_lifecycle, cli_pg
-    return (cli_lifecycle, cli_pg)
+    from . import cli_lifecycle, cli_ops, cli_pg
+    return (cli_lifecycle, cli_pg, cli_ops)
 
 
 def _add_snapshot_commands(sub) -> None:
@@ -312,8 +312,12 @@ def cmd_umount(args) -> int:
 
 
 def cmd_fsck(args) -> int:
-    from . import fsck
-    report = fsck.run(args.store, verify_data=args.verify_data)
+    from . import fsck, progress
+    with progress.Progress("fsck: verifying data", quiet=not args.verify_data) as bar:
+        def on_progress(done_bytes, total_bytes):
+            bar.total = total_bytes        # unchanged after the first call: cheap
+            bar.update(done_bytes)
+        report = fsck.run(args.store, verify_data=args.verify_data, progress=on_progress)
     for problem in report.problems:
         print(problem)
     summary = ", ".join(f"{n} {what}" for what, n in sorted(report.counts.items()))

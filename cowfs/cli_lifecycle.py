@@ -7,19 +7,12 @@ Parsing and output only; the work is done by `admin`, `policy`, `diff` and
 
 import json
 import sys
-import time
 
 from . import errors
-from .cli_common import human, with_store
+from .cli_common import command_registry, human, with_store
 
 COMMANDS: dict = {}
-
-
-def _command(name: str):
-    def register(func):
-        COMMANDS[name] = func
-        return func
-    return register
+_command = command_registry(COMMANDS)
 
 
 def add_commands(sub) -> None:
@@ -225,53 +218,23 @@ def _diff_line(change: dict) -> str:
 
 @_command("scrub")
 def cmd_scrub(args) -> int:
-    from . import scrub
-    progress = _Progress()
-    report = with_store(args, lambda store: scrub.scrub(store, progress.update))
-    progress.done()
+    from . import progress, scrub
+    with progress.Progress("scrub", quiet=args.json) as bar:
+        def on_progress(done_bytes, total_bytes, _done_chunks, _total_chunks):
+            bar.total = total_bytes        # grows if chunks are written meanwhile
+            bar.update(done_bytes)
+        report = with_store(args, lambda store: scrub.scrub(store, on_progress))
     if args.json:
         print(json.dumps(report, indent=1))
-    else:
-        for damaged in report["damaged"]:
-            print(f"DAMAGED chunk {damaged['chunk_id']} in pack {damaged['pack']} at offset "
-                  f"{damaged['offset']}: {damaged['problem']}")
-            for ref in damaged["refs"]:
-                print(f"    {ref['point']}: {ref['path']} (bytes {ref['offset']}..{ref['end']})")
-            if not damaged["refs"]:
-                print("    no volume or snapshot refers to it any more")
+        return errors.EXIT_FAILURE if report["damaged"] else 0
+    for damaged in report["damaged"]:
+        print(f"DAMAGED chunk {damaged['chunk_id']} in pack {damaged['pack']} at offset "
+              f"{damaged['offset']}: {damaged['problem']}")
+        for ref in damaged["refs"]:
+            print(f"    {ref['point']}: {ref['path']} (bytes {ref['offset']}..{ref['end']})")
+        if not damaged["refs"]:
+            print("    no volume or snapshot refers to it any more")
     verdict = "DAMAGED" if report["damaged"] else "intact"
     print(f"scrub: {report['chunks']} chunks, {report['bytes']} bytes read; {len(report['damaged'])} "
           f"damaged; store {verdict}", file=sys.stderr)
     return errors.EXIT_FAILURE if report["damaged"] else 0
-
-
-class _Progress:
-    """A bar on a terminal; otherwise a plain line at most every PLAIN_EVERY_S seconds."""
-
-    PLAIN_EVERY_S = 10.0
-    BAR_WIDTH = 30
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.last_s = 0.0
-
-    def update(self, done_bytes: int, total_bytes: int, done_chunks: int, total_chunks: int) -> None:
-        now = time.monotonic()
-        if now - self.last_s < (0.2 if self.tty else self.PLAIN_EVERY_S) and done_chunks < total_chunks:
-            return
-        self.last_s = now
-        fraction = done_bytes / total_bytes if total_bytes else 1.0
-        text = f"{done_chunks}/{total_chunks} chunks, {human(done_bytes)} of {human(total_bytes)}"
-        if self.tty:
-            filled = int(fraction * self.BAR_WIDTH)
-            bar = "#" * filled + "-" * (self.BAR_WIDTH - filled)
-            self.stream.write(f"\rscrub [{bar}] {fraction:4.0%} {text}")
-        else:
-            self.stream.write(f"scrub: {fraction:.0%} ({text})\n")
-        self.stream.flush()
-
-    def done(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()

@@ -26,14 +26,15 @@ class Report:
         self.problems.append(problem)
 
 
-def check(store: Store, verify_data: bool = False) -> Report:
+def check(store: Store, verify_data: bool = False, progress=None) -> Report:
+    """`progress(done_bytes, total_bytes)` is called while --verify-data reads chunks."""
     report = Report()
     env = store.env
     with env.begin() as txn:
         vols = _check_volumes(txn, env, report)
         refs = _check_records(txn, env, vols, report)
         _check_born_log(txn, env, report)
-        _check_chunks(txn, store, refs, verify_data, report)
+        _check_chunks(txn, store, refs, verify_data, report, progress if verify_data else None)
         _name_damaged_users(txn, env, report)
         _check_snapshots(txn, env, vols, report)
         _check_holds_and_policies(txn, env, vols, report)
@@ -157,10 +158,13 @@ def _check_born_log(txn, env, report: Report) -> None:
 # --- chunks and packs -------------------------------------------------------------------
 
 def _check_chunks(txn, store: Store, refs: collections.Counter, verify_data: bool,
-                  report: Report) -> None:
+                  report: Report, progress=None) -> None:
     env = store.env
     pack_sizes: dict[int, int] = {}
     live = collections.defaultdict(lambda: [0, 0])
+    total_bytes = sum(schema.unpack_pack_stats(bytes(raw))[0] for _k, raw in txn.cursor(db=env.packs)) \
+        if progress else 0
+    done_bytes = 0
     for key, raw in txn.cursor(db=env.chunks):
         chunk_id = bytes(key)
         pack_id, offset, length, refcount = schema.unpack_chunk(bytes(raw))
@@ -171,6 +175,9 @@ def _check_chunks(txn, store: Store, refs: collections.Counter, verify_data: boo
             report.add(f"chunk {chunk_id.hex()}: reference count {refcount}, "
                        f"but {refs.get(chunk_id, 0)} record versions refer to it")
         _check_location(store, pack_sizes, chunk_id, pack_id, offset, length, verify_data, report)
+        if progress:
+            done_bytes += length
+            progress(done_bytes, max(total_bytes, done_bytes))
     for chunk_id, count in refs.items():
         if txn.get(chunk_id, db=env.chunks) is None:
             report.add(f"chunk {chunk_id.hex()}: {count} record versions refer to it, "
@@ -303,10 +310,10 @@ def _chunk_size(txn, env) -> int:
     return schema.unpack_le_u64(txn.get(b"chunk_size", db=env.meta))
 
 
-def run(store_path: str, verify_data: bool = False) -> Report:
+def run(store_path: str, verify_data: bool = False, progress=None) -> Report:
     store = Store.open(store_path)
     try:
-        return check(store, verify_data)
+        return check(store, verify_data, progress)
     except lmdb.Error as exc:
         # LMDB has no page checksums: a damaged page shows up as an error
         # (or a wrong value) only when it is read.

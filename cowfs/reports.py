@@ -64,6 +64,38 @@ def _policy_text(txn, env, vol_id: int) -> Optional[str]:
     return None if pol is None else pol.describe()
 
 
+def totals(store: Store) -> dict:
+    """Stored chunk bytes, what refers to them (dedup), pack bytes on disk.
+
+    One pass over the chunk index: O(chunks)."""
+    env = store.env
+    chunk_bytes = referenced = chunks = 0
+    with env.begin() as txn:
+        for _key, raw in txn.cursor(db=env.chunks):
+            _pack, _off, length, refcount = schema.unpack_chunk(bytes(raw))
+            chunk_bytes += length
+            referenced += length * refcount
+            chunks += 1
+    pack_bytes = sum(store.packs.disk_bytes(p) for p in store.packs.pack_ids())
+    return dict(chunk_bytes=chunk_bytes, chunks=chunks, referenced_bytes=referenced,
+                pack_bytes=pack_bytes, garbage_bytes=max(pack_bytes - chunk_bytes, 0),
+                dedup_ratio=round(referenced / chunk_bytes, 3) if chunk_bytes else 1.0)
+
+
+def volume_space(store: Store) -> list[dict]:
+    """Per volume: logical bytes of its head, bytes destroying it frees, snapshots."""
+    env = store.env
+    rows = []
+    with env.begin() as txn:
+        for name, vol_id in volumes.list_volumes(txn, env):
+            rows.append(dict(volume=name,
+                             logical_bytes=snapshots.logical_bytes(txn, env, catalog.volume_chain(txn, env, vol_id)),
+                             unique_bytes=snapshots.would_free_volume(txn, env, vol_id),
+                             snapshots=sum(1 for _g, rec in snapshots.snapshots_of(txn, env, vol_id)
+                                           if rec["name"])))
+    return rows
+
+
 def df(store: Store) -> dict:
     """Store totals, what holds space, and per volume and snapshot the exact
     bytes destroying it frees.
@@ -73,12 +105,6 @@ def df(store: Store) -> dict:
     snapshot without clones frees exactly this much."""
     env = store.env
     with env.begin() as txn:
-        chunk_bytes = referenced = chunks = 0
-        for _key, raw in txn.cursor(db=env.chunks):
-            _pack, _off, length, refcount = schema.unpack_chunk(bytes(raw))
-            chunk_bytes += length
-            referenced += length * refcount
-            chunks += 1
         items, snapshot_held = [], 0
         for name, vol_id in volumes.list_volumes(txn, env):
             items.append(dict(name=name, frees_bytes=snapshots.would_free_volume(txn, env, vol_id)))
@@ -89,12 +115,8 @@ def df(store: Store) -> dict:
                     items.append(dict(name=f"{name}@{snap['name']}",
                                       frees_bytes=snapshots.would_free_snapshot(txn, env, vol_id, gen)))
             snapshot_held += snapshots.would_free_snapshots(txn, env, vol_id, gens) if gens else 0
-    pack_bytes = sum(store.packs.disk_bytes(p) for p in store.packs.pack_ids())
-    return dict(chunk_bytes=chunk_bytes, chunks=chunks, referenced_bytes=referenced,
-                pack_bytes=pack_bytes, garbage_bytes=max(pack_bytes - chunk_bytes, 0),
-                snapshot_held_bytes=snapshot_held,
-                filesystem=store.packs.space.figures(),
-                dedup_ratio=round(referenced / chunk_bytes, 3) if chunk_bytes else 1.0, items=items)
+    return dict(totals(store), snapshot_held_bytes=snapshot_held, filesystem=store.packs.space.figures(),
+                items=items)
 
 
 def policies(store: Store) -> list[dict]:
