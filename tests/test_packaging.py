@@ -96,12 +96,15 @@ def test_every_command_group_runs_from_the_wheel(installed):
             f.write(b"x" * 100_000)
         run("snapshot", store, "main@s1")                    # through the daemon
         assert "main@s1" in run("list", store).stdout
+        assert "mounted" in run("status", store).stdout      # operations group
+        assert "cowfs_volume_up" in run("metrics", store).stdout
     finally:
         subprocess.run([exe, "umount", mnt], capture_output=True, timeout=120)
         subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
     run("policy", store, "main", "--every", "1h", "--keep", "3")   # lifecycle group
     run("scrub", store)
     run("fsck", store)
+    run("service", "install", store, "main", mnt, "--unit-dir", os.path.join(work, "units"))
     # The pg group imports cowfs.pg (missing from the wheel before): it gets
     # as far as checking the bin directory.
     result = run("pg", "bisect", store, "main", "--pgdata", "pgdata", "--bin", "/nonexistent",
