@@ -33,12 +33,12 @@ def _require_unmounted(store: Store, vol_id: int, name: str, action: str):
         raise BusyError(f"volume {name} is mounted; unmount it before {action}") from None
 
 
-def snapshot(store: Store, target: str) -> str:
+def snapshot(store: Store, target: str) -> dict:
     vol, snap = snapshots.parse_target(target)
     if snap is None:
         raise UsageError(f"give the snapshot as VOLUME@NAME, e.g. {vol}@before-upgrade")
     _take(store, vol, snap)
-    return f"created snapshot {vol}@{snap}"
+    return dict(target=f"{vol}@{snap}")
 
 
 def _take(store: Store, vol: str, snap: str) -> int:
@@ -53,26 +53,27 @@ def _take(store: Store, vol: str, snap: str) -> int:
         return snapshots.take(txn, store.env, vol_id, snap)
 
 
-def clone(store: Store, source: str, new_name: str) -> str:
+def clone(store: Store, source: str, new_name: str) -> dict:
+    """{"volume", "origin", "snapshot_taken"}: snapshot_taken when SOURCE was a volume."""
     vol, snap = snapshots.parse_target(source)
     volumes.check_name(new_name)
     vol_id = _vol_id(store, vol)
     with store.env.begin() as txn:
         if txn.get(new_name.encode(), db=store.env.volnames) is not None:
             raise snapshots.ExistsError(f"volume {new_name!r} already exists")
-    note = ""
+    taken = snap is None
     if snap is None:
         with store.env.begin() as txn:
             snap = snapshots.unique_name(txn, store.env, vol_id, f"clone-{new_name}")
         _take(store, vol, snap)
-        note = f" (snapshot {vol}@{snap} taken now)"
     with store.env.begin(write=True) as txn:
         gen = snapshots.snapshot_gen(txn, store.env, vol_id, vol, snap)
         snapshots.clone(txn, store.env, vol_id, gen, new_name)
-    return f"created volume {new_name} from {vol}@{snap}{note}"
+    return dict(volume=new_name, origin=f"{vol}@{snap}", snapshot_taken=taken)
 
 
-def destroy(store: Store, target: str) -> str:
+def destroy(store: Store, target: str) -> dict:
+    """{"target", "kept_for"} (see `snapshots.destroy_snapshot`)."""
     vol, snap = snapshots.parse_target(target)
     vol_id = _vol_id(store, vol)
     batch = store.chunks.batch()
@@ -81,17 +82,17 @@ def destroy(store: Store, target: str) -> str:
             gen = snapshots.snapshot_gen(txn, store.env, vol_id, vol, snap)
         with store.lock_snapshot(vol_id, gen, target, exclusive=True, holder="cowfs destroy"):
             with store.env.begin(write=True) as txn:
-                message = snapshots.destroy_snapshot(txn, store.env, vol_id, vol, snap, batch)
+                result = snapshots.destroy_snapshot(txn, store.env, vol_id, vol, snap, batch)
                 batch.apply(txn)
             scheduling.drop_lock_file(store, vol_id, gen)
         logs.remove(store.run_dir, target)               # of its read-only mounts
         store.chunks.reclaim(batch.freed_locations)      # the space comes back now, not at gc
-        return message
+        return result
     with _require_unmounted(store, vol_id, vol, "destroying it"):
         locks = _lock_all_snapshots(store, vol_id, vol)
         try:
             with store.env.begin(write=True) as txn:
-                message = snapshots.destroy_volume(txn, store.env, vol_id, vol, batch)
+                result = snapshots.destroy_volume(txn, store.env, vol_id, vol, batch)
                 batch.apply(txn)
             for gen in locks:
                 scheduling.drop_lock_file(store, vol_id, gen)
@@ -100,7 +101,7 @@ def destroy(store: Store, target: str) -> str:
             for lock in locks.values():
                 lock.release()
     store.chunks.reclaim(batch.freed_locations)
-    return message
+    return result
 
 
 def _lock_all_snapshots(store: Store, vol_id: int, vol: str) -> dict:
@@ -119,7 +120,7 @@ def _lock_all_snapshots(store: Store, vol_id: int, vol: str) -> dict:
     return locks
 
 
-def rollback(store: Store, target: str) -> str:
+def rollback(store: Store, target: str) -> dict:
     vol, snap = snapshots.parse_target(target)
     if snap is None:
         raise UsageError(f"give the snapshot to roll back to as VOLUME@NAME, e.g. {vol}@hourly-1")
@@ -127,27 +128,28 @@ def rollback(store: Store, target: str) -> str:
     batch = store.chunks.batch()
     with _require_unmounted(store, vol_id, vol, "rolling it back"):
         with store.env.begin(write=True) as txn:
-            message = snapshots.rollback(txn, store.env, vol_id, vol, snap, batch)
+            result = snapshots.rollback(txn, store.env, vol_id, vol, snap, batch)
             batch.apply(txn)
     store.chunks.reclaim(batch.freed_locations)
-    return message
+    return result
 
 
-def rename(store: Store, old: str, new: str) -> str:
+def rename(store: Store, old: str, new: str) -> dict:
+    """{"kind": "volume"|"snapshot", "old", "new"} with full names."""
     old_vol, old_snap = snapshots.parse_target(old)
     if old_snap is None:
         if "@" in new:
             raise UsageError("a volume is renamed to a volume name (no '@')")
         with store.env.begin(write=True) as txn:
             snapshots.rename_volume(txn, store.env, old_vol, new)
-        return f"renamed volume {old_vol} to {new}"
+        return dict(kind="volume", old=old_vol, new=new)
     new_vol, new_snap = snapshots.parse_target(new if "@" in new else f"{old_vol}@{new}")
     if new_vol != old_vol:
         raise UsageError("a snapshot keeps its volume; rename it to VOLUME@NEWNAME of the same volume")
     vol_id = _vol_id(store, old_vol)
     with store.env.begin(write=True) as txn:
         snapshots.rename_snapshot(txn, store.env, vol_id, old_vol, old_snap, new_snap)
-    return f"renamed snapshot {old} to {old_vol}@{new_snap}"
+    return dict(kind="snapshot", old=old, new=f"{old_vol}@{new_snap}")
 
 
 # --- holds and policies ---------------------------------------------------------------------
@@ -159,7 +161,7 @@ def _snapshot_target(target: str, verb: str) -> tuple[str, str]:
     return vol, snap
 
 
-def hold(store: Store, target: str, reason: str = "") -> str:
+def hold(store: Store, target: str, reason: str = "") -> dict:
     vol, snap = _snapshot_target(target, "hold")
     if "\n" in reason or len(reason) > 1000:
         raise UsageError("a hold reason is one line of at most 1000 characters")
@@ -167,22 +169,22 @@ def hold(store: Store, target: str, reason: str = "") -> str:
         return snapshots.hold(txn, store.env, volumes.volume_id(txn, store.env, vol), vol, snap, reason)
 
 
-def release(store: Store, target: str) -> str:
+def release(store: Store, target: str) -> dict:
     vol, snap = _snapshot_target(target, "release")
     with store.env.begin(write=True) as txn:
         return snapshots.release(txn, store.env, volumes.volume_id(txn, store.env, vol), vol, snap)
 
 
-def set_policy(store: Store, vol: str, new: Optional[policy.Policy]) -> str:
+def set_policy(store: Store, vol: str, new: Optional[policy.Policy]) -> dict:
     """Store (or with None remove) the schedule of a volume; its daemon picks it up within a second."""
     with store.env.begin(write=True) as txn:
         vol_id = volumes.volume_id(txn, store.env, vol)
         if new is None:
             if not policy.delete(txn, store.env, vol_id):
                 raise UsageError(f"volume {vol} has no schedule; nothing to turn off")
-            return f"schedule of {vol} turned off; its automatic snapshots stay until destroyed"
+            return dict(volume=vol, schedule=None)
         policy.put(txn, store.env, vol_id, new)
-    return f"schedule of {vol}: {new.describe()}"
+    return dict(volume=vol, schedule=new.describe())
 
 
 # --- pruning -----------------------------------------------------------------------------------

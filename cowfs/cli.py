@@ -168,34 +168,51 @@ def _add_snapshot_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _print_message(args, func) -> int:
-    print(with_store(args, func))
+def _say(args, func, words) -> int:
+    """Run func(store), print what `words` makes of its result."""
+    print(words(with_store(args, func)))
     return 0
 
 
 def cmd_snapshot(args) -> int:
     from . import admin
-    return _print_message(args, lambda store: admin.snapshot(store, args.target))
+    return _say(args, lambda store: admin.snapshot(store, args.target),
+                lambda r: f"created snapshot {r['target']}")
 
 
 def cmd_clone(args) -> int:
     from . import admin
-    return _print_message(args, lambda store: admin.clone(store, args.source, args.new_volume))
+    return _say(args, lambda store: admin.clone(store, args.source, args.new_volume),
+                lambda r: f"created volume {r['volume']} from {r['origin']}"
+                          + (f" (snapshot {r['origin']} taken now)" if r["snapshot_taken"] else ""))
+
+
+def _destroyed_words(r: dict) -> str:
+    """`cowfs destroy`'s sentence, also for snapshots that only lose their name."""
+    if not r["kept_for"]:
+        return f"destroyed {'snapshot' if '@' in r['target'] else 'volume'} {r['target']}"
+    clones = ", ".join(r["kept_for"])
+    if "@" in r["target"]:
+        return f"snapshot {r['target']} removed from the list; its data stays for clone(s) {clones}"
+    return f"destroyed volume {r['target']}; the data clone(s) {clones} need stays"
 
 
 def cmd_destroy(args) -> int:
     from . import admin
-    return _print_message(args, lambda store: admin.destroy(store, args.target))
+    return _say(args, lambda store: admin.destroy(store, args.target), _destroyed_words)
 
 
 def cmd_rollback(args) -> int:
     from . import admin
-    return _print_message(args, lambda store: admin.rollback(store, args.target))
+    return _say(args, lambda store: admin.rollback(store, args.target),
+                lambda r: f"volume {r['volume']} rolled back to @{r['snapshot']}; the state before is "
+                          f"snapshot {r['volume']}@{r['undo']}")
 
 
 def cmd_rename(args) -> int:
     from . import admin
-    return _print_message(args, lambda store: admin.rename(store, args.old, args.new))
+    return _say(args, lambda store: admin.rename(store, args.old, args.new),
+                lambda r: f"renamed {r['kind']} {r['old']} to {r['new']}")
 
 
 def cmd_list(args) -> int:

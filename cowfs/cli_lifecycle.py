@@ -123,7 +123,8 @@ def cmd_policy(args) -> int:
     if args.off:
         if args.every:
             raise errors.UsageError("give either --every (set a schedule) or --off (remove it), not both")
-        print(with_store(args, lambda store: admin.set_policy(store, args.volume, None)))
+        with_store(args, lambda store: admin.set_policy(store, args.volume, None))
+        print(f"schedule of {args.volume} turned off; its automatic snapshots stay until destroyed")
         return 0
     if not args.every:
         raise errors.UsageError(f"give --every DURATION (e.g. --every 1h --keep 24) or --off; "
@@ -131,7 +132,8 @@ def cmd_policy(args) -> int:
     new = policy.Policy(every_s=policy.parse_duration(args.every), keep_last=args.keep,
                         keep_hourly=args.keep_hourly, keep_daily=args.keep_daily,
                         keep_weekly=args.keep_weekly, keep_monthly=args.keep_monthly).check()
-    print(with_store(args, lambda store: admin.set_policy(store, args.volume, new)))
+    result = with_store(args, lambda store: admin.set_policy(store, args.volume, new))
+    print(f"schedule of {result['volume']}: {result['schedule']}")
     return 0
 
 
@@ -161,14 +163,19 @@ def cmd_hold(args) -> int:
         for row in rows:
             print(f"{row['name']:<48} {row['held_since']:<21} {row['hold_reason'] or '-'}")
         return 0
-    print(with_store(args, lambda store: admin.hold(store, args.target, args.reason)))
+    r = with_store(args, lambda store: admin.hold(store, args.target, args.reason))
+    if r["was_held"]:
+        print(f"snapshot {r['target']} was already held; reason now: {r['reason'] or '(none)'}")
+    else:
+        print(f"snapshot {r['target']} is held; it cannot be destroyed or pruned until released")
     return 0
 
 
 @_command("release")
 def cmd_release(args) -> int:
     from . import admin
-    print(with_store(args, lambda store: admin.release(store, args.target)))
+    r = with_store(args, lambda store: admin.release(store, args.target))
+    print(f"released snapshot {r['target']}")
     return 0
 
 

@@ -85,14 +85,14 @@ def _check_chain(vols: dict, vol_id: int, record: dict, report: Report) -> None:
 
 def _check_snapshots(txn, env, vols: dict, report: Report) -> None:
     for key, raw in txn.cursor(db=env.snapshots):
-        vol_id, gen = schema.read_u64(bytes(key)), schema.read_u64(bytes(key), 8)
+        vol_id, gen = schema.split_vol_gen_key(bytes(key))
         vol = vols.get(vol_id)
         if vol is None:
             report.add(f"snapshot at generation {gen} belongs to missing volume id {vol_id}")
         elif gen >= vol["head_gen"]:
             report.add(f"volume {vol['name']}: snapshot generation {gen} is not older than the head")
     for key, raw in txn.cursor(db=env.snapnames):
-        vol_id, name = schema.read_u64(bytes(key)), bytes(key)[8:].decode(errors="replace")
+        vol_id, name = schema.split_snapname_key(bytes(key))
         if txn.get(schema.snapshot_key(vol_id, schema.read_u64(bytes(raw))), db=env.snapshots) is None:
             report.add(f"snapshot name {name!r} of volume id {vol_id} points at no snapshot")
 
@@ -100,7 +100,7 @@ def _check_snapshots(txn, env, vols: dict, report: Report) -> None:
 def _check_holds_and_policies(txn, env, vols: dict, report: Report) -> None:
     """A hold must name a snapshot, a policy a volume: else destroy and pruning misjudge them."""
     for key, _raw in txn.cursor(db=env.holds):
-        vol_id, gen = schema.read_u64(bytes(key)), schema.read_u64(bytes(key), 8)
+        vol_id, gen = schema.split_vol_gen_key(bytes(key))
         if txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots) is None:
             report.add(f"hold on generation {gen} of volume id {vol_id} names no snapshot")
     for key, _raw in txn.cursor(db=env.policies):
@@ -275,8 +275,8 @@ def _check_tree(txn, env, vol_id: int, record: dict, report: Report) -> None:
                                f"but is listed in {dir_ino}")
                 seen_dirs.add(child)
                 todo.append(child)
-    orphans = {schema.read_u64(bytes(k), 8) for k, _ in txn.cursor(db=env.orphans)
-               if bytes(k).startswith(schema.u64(vol_id))}
+    orphans = {schema.split_vol_gen_key(bytes(k))[1] for k, _ in txn.cursor(db=env.orphans)
+               if bytes(k).startswith(schema.vol_prefix(vol_id))}
     for ino, (attrs, target) in inodes.items():
         _check_inode(txn, env, chain, name, ino, attrs, target, links, subdirs, orphans, report)
 

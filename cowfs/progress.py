@@ -14,6 +14,9 @@ API, all of it::
   ``scrub: 45% (1.2 GiB of 2.6 GiB, 35.0 MiB/s, about 40 s left)``.
 * ``quiet=True`` (the command's ``--json``): nothing at all.
 
+Nothing is shown before the first update, and no closing line when the
+block ends with an exception, so an error stays the command's one line.
+
 It always writes to stderr (or `stream`), never to stdout, so a command's
 output stays what it is. `unit` is "B" for bytes (shown as KiB, MiB...), or
 any other word counted as is (e.g. "chunks").
@@ -56,14 +59,17 @@ class Progress:
         self._plain_every_s = plain_every_s
         self._started = self._last_line = time.monotonic()
         self._bar = None
-        self._plain = not quiet and not self._stream.isatty()
-        if not quiet and not self._plain:
-            # A terminal that reports no size (a fresh pty, a serial console)
-            # gets 80x24: tqdm draws nothing at all on a 0x0 one.
-            sized = _columns(self._stream) > 0
-            self._bar = tqdm(total=total, desc=label, unit=unit, unit_scale=unit == "B",
-                             unit_divisor=1024, file=self._stream, mininterval=0.2, leave=True,
-                             dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24)
+        self._tty = not quiet and self._stream.isatty()
+        self._plain = not quiet and not self._tty
+        self._started_any = False        # nothing is shown before the first update
+
+    def _open_bar(self) -> None:
+        # A terminal that reports no size (a fresh pty, a serial console)
+        # gets 80x24: tqdm draws nothing at all on a 0x0 one.
+        sized = _columns(self._stream) > 0
+        self._bar = tqdm(total=self._total, desc=self.label, unit=self.unit, unit_scale=self.unit == "B",
+                         unit_divisor=1024, file=self._stream, mininterval=0.2, leave=True,
+                         dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24)
 
     # --- the API ---------------------------------------------------------------------
 
@@ -86,24 +92,28 @@ class Progress:
 
     def advance(self, amount: float) -> None:
         self.done += amount
+        self._started_any = True
+        if self._tty and self._bar is None:
+            self._open_bar()
         if self._bar is not None:
             self._bar.update(amount)
         elif self._plain and time.monotonic() - self._last_line >= self._plain_every_s:
             self._line()
 
-    def close(self) -> None:
+    def close(self, completed: bool = True) -> None:
+        """End the line; a plain closing line only if the work completed and anything was done."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self._plain:
+        elif self._plain and completed and self._started_any:
             self._line(final=True)
-            self._plain = False
+        self._plain = self._tty = False
 
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(completed=exc_type is None)
 
     # --- plain lines -----------------------------------------------------------------------
 

@@ -149,13 +149,6 @@ def filled_store(mounted):
     return mounted.store
 
 
-def test_scrub_shows_a_live_line_on_a_terminal(filled_store):
-    code, screen = _run_in_pty(["scrub", filled_store])
-    assert code == 0, screen
-    assert "\r" in screen and "scrub:" in screen, screen          # redrawn in place
-    assert "B/s" in screen and "100%" in screen, screen           # rate, and done
-
-
 def test_progress_stays_out_of_json_and_is_plain_lines_in_a_log(filled_store):
     result = cowfs("scrub", filled_store, "--json")
     assert json.loads(result.stdout)["damaged"] == [] and result.stderr == ""
