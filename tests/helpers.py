@@ -34,15 +34,15 @@ def fsck_clean(store: str) -> str:
 
 def mount_entry(mountpoint: str):
     sys.path.insert(0, REPO)
-    from cowfs import daemon
-    return daemon.find_mount(os.path.abspath(mountpoint))
+    from cowfs import mounting
+    return mounting.find_mount(os.path.abspath(mountpoint))
 
 
 def daemon_pid(mountpoint: str) -> int:
-    from cowfs import daemon
+    from cowfs import mounting
     entry = mount_entry(mountpoint)
     assert entry is not None, f"{mountpoint} is not mounted"
-    info = daemon.read_registry(entry["dev"])
+    info = mounting.read_registry(entry["dev"])
     assert info is not None, f"no registry entry for {mountpoint}"
     return info["pid"]
 
