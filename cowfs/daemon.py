@@ -263,7 +263,9 @@ def _mount_and_serve(store: Store, fs: Filesystem, mnt: str, volume: str, commit
         pyfuse3.close(unmount=True)
         if isinstance(exc, CowfsError):
             raise
-        raise CowfsError(f"volume {volume} was unmounted again: {exc}") from exc
+        raise CowfsError(f"starting volume {volume} at {mnt} failed after the FUSE mount ({exc}); "
+                         "it was unmounted again and nothing was written; the daemon's log has "
+                         "the details") from exc
     ready.ok(f"volume {volume} of {store.path} mounted at {mnt} (pid {os.getpid()})")
     try:
         return _serve_until_unmounted(fs, committer, mnt, dev, commit_interval_s, listener, ready)
