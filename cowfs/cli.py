@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", default="main", metavar="NAME",
                    help="volume to mount (default: main); VOL@SNAP mounts a snapshot read-only")
     p.add_argument("--foreground", action="store_true",
-                   help="serve in this process until unmounted (for service managers); "
-                        "logs go to stderr")
+                   help="serve in this process until unmounted (for service managers; logs go "
+                        "to stderr; with $NOTIFY_SOCKET it sends systemd READY=1 once the mount "
+                        "is fully up, see 'cowfs service')")
     p.add_argument("--commit-interval", type=parse_interval_s, default=5.0, metavar="SECONDS",
                    help="commit buffered writes at least this often (default 5); fsync "
                         "always commits at once")
