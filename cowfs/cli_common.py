@@ -1,4 +1,4 @@
-"""Helpers shared by the command-line modules (cli, cli_lifecycle): output and store access."""
+"""Helpers shared by the command-line modules (cli, cli_lifecycle, cli_ops): output, store access, registration."""
 
 
 def human(size_bytes: int) -> str:
@@ -25,3 +25,13 @@ def with_store(args, func):
         return func(store)
     finally:
         store.close()
+
+
+def command_registry(commands: dict):
+    """A decorator `@_command("name")` that records its function in `commands`."""
+    def command(name: str):
+        def register(func):
+            commands[name] = func
+            return func
+        return register
+    return command

@@ -74,8 +74,8 @@ def index_is_stale(txn, env, vol_id: int) -> bool:
 
 def changed_keys_exist(txn, env, vol_id: int, lo_gen: int, hi_gen: int) -> bool:
     cursor = txn.cursor(db=env.born)
-    start = schema.u64(vol_id) + schema.u64(lo_gen + 1)
-    return cursor.set_range(start) and bytes(cursor.key()) < schema.u64(vol_id) + schema.u64(hi_gen + 1)
+    start, end = schema.born_range(vol_id, lo_gen, hi_gen)
+    return cursor.set_range(start) and bytes(cursor.key()) < end
 
 
 INDEX_BATCH_ENTRIES = 10_000    # per write transaction: a mounted volume's commits wait at most one batch
@@ -123,7 +123,7 @@ def _replay_updates(txn, env, vol_id: int, chain, from_gen: int, to_gen: int) ->
 
 
 def _clear_index(env, vol_id: int) -> None:
-    prefix = schema.u64(vol_id)
+    prefix = schema.vol_prefix(vol_id)
     while True:
         with env.begin(write=True) as txn:
             cursor = txn.cursor(db=env.paths)
@@ -228,8 +228,7 @@ def changed_keys(txn, env, vol_id: int, lo_gen: int, hi_gen: int) -> dict[bytes,
     """Record keys of a volume with a version born in (lo_gen, hi_gen], per kind."""
     out = {kind: set() for kind in (schema.KIND_INODE, schema.KIND_DENTRY, schema.KIND_CHUNK,
                                     schema.KIND_XATTR)}
-    start = schema.u64(vol_id) + schema.u64(lo_gen + 1)
-    end = schema.u64(vol_id) + schema.u64(hi_gen + 1)
+    start, end = schema.born_range(vol_id, lo_gen, hi_gen)
     cursor = txn.cursor(db=env.born)
     if not cursor.set_range(start):
         return out
@@ -309,7 +308,7 @@ def _changed_records(keys: dict, side_a: _Side, side_b: _Side):
             content[schema.read_u64(record_key)]["chunks"].add(schema.chunk_index_of(record_key))
     for record_key in keys[schema.KIND_XATTR]:
         if side_a.get(schema.KIND_XATTR, record_key) != side_b.get(schema.KIND_XATTR, record_key):
-            content[schema.read_u64(record_key)]["xattrs"].add(record_key[8:-1])
+            content[schema.read_u64(record_key)]["xattrs"].add(schema.xattr_name(record_key))
     return sorted(dentries), content
 
 

@@ -205,6 +205,25 @@ def split_born_key(raw: bytes) -> tuple[int, int, bytes, bytes]:
     return (_U64.unpack_from(raw, 0)[0], _U64.unpack_from(raw, 8)[0], raw[16:17], raw[17:])
 
 
+def born_range(vol_id: int, lo_gen: int, hi_gen: int) -> tuple[bytes, bytes]:
+    """[start, end) of the ``born`` keys of versions born in (lo_gen, hi_gen]."""
+    return _U64.pack(vol_id) + _U64.pack(lo_gen + 1), _U64.pack(vol_id) + _U64.pack(hi_gen + 1)
+
+
+def vol_prefix(vol_id: int) -> bytes:
+    """Every key of one volume in the sub-databases keyed by vol_id first."""
+    return _U64.pack(vol_id)
+
+
+def split_vol_gen_key(raw: bytes) -> tuple[int, int]:
+    """(vol_id, gen) of a ``snapshots`` or ``holds`` key; (vol_id, ino) of an ``orphans`` key."""
+    return _U64.unpack_from(raw, 0)[0], _U64.unpack_from(raw, 8)[0]
+
+
+def split_snapname_key(raw: bytes) -> tuple[int, str]:
+    return _U64.unpack_from(raw, 0)[0], bytes(raw[8:]).decode(errors="replace")
+
+
 def orphan_key(vol_id: int, ino: int) -> bytes:
     return _U64.pack(vol_id) + _U64.pack(ino)
 

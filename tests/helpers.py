@@ -34,21 +34,22 @@ def fsck_clean(store: str) -> str:
 
 def mount_entry(mountpoint: str):
     sys.path.insert(0, REPO)
-    from cowfs import daemon
-    return daemon.find_mount(os.path.abspath(mountpoint))
+    from cowfs import mounting
+    return mounting.find_mount(os.path.abspath(mountpoint))
 
 
 def daemon_pid(mountpoint: str) -> int:
-    from cowfs import daemon
+    from cowfs import mounting
     entry = mount_entry(mountpoint)
     assert entry is not None, f"{mountpoint} is not mounted"
-    info = daemon.read_registry(entry["dev"])
+    info = mounting.read_registry(entry["dev"])
     assert info is not None, f"no registry entry for {mountpoint}"
     return info["pid"]
 
 
 def daemon_stats(store: str, volume: str = "main") -> dict:
-    """The `stats` answer of the daemon that mounts `volume` (and its vol_id)."""
+    """The `stats` answer of the daemon that mounts `volume`, its `figures`
+    merged in (log_records_total...), and the volume's vol_id."""
     sys.path.insert(0, REPO)
     from cowfs import control, volumes
     from cowfs.store import Store
@@ -56,7 +57,8 @@ def daemon_stats(store: str, volume: str = "main") -> dict:
     try:
         with s.env.begin() as txn:
             vol_id = volumes.volume_id(txn, s.env, volume)
-        return dict(control.request(s.run_dir, vol_id, {"op": "stats"}), vol_id=vol_id)
+        answer = control.request(s.run_dir, vol_id, {"op": "stats"})
+        return dict(answer, **answer.get("figures", {}), vol_id=vol_id)
     finally:
         s.close()
 

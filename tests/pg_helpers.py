@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 
-from cowfs import daemon
+from cowfs import mounting
 from cowfs.pg import PgServer, free_port, pgbouncer
 from helpers import Mount, cowfs, fsck_clean
 
@@ -117,17 +117,8 @@ class Bouncer:
 
 def store_mounts(store: str) -> list:
     """Mount points of every cowfs daemon serving a volume of ``store``."""
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] != daemon.FUSE_TYPE:
-                continue
-            mnt = daemon._unescape(left.split()[4])
-            info = daemon.read_registry(left.split()[2])
-            if info and info.get("store") == os.path.abspath(store):
-                mounts.append(mnt)
-    return mounts
+    return [m["mountpoint"] for m in mounting.cowfs_mounts()
+            if m["registry"] and m["registry"].get("store") == os.path.abspath(store)]
 
 
 class PgbenchLoop:

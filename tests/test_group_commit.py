@@ -161,7 +161,7 @@ def test_fsyncs_arriving_during_a_log_flush_share_the_next_one(store, workdir):
         first = Fsync(os.path.join(mount.path, "f0"), payloads["f0"])
         first.start()
         deadline = time.monotonic() + 60
-        while daemon_stats(store)["log_records"] == before["log_records"]:
+        while daemon_stats(store)["log_records_total"] == before["log_records_total"]:
             assert time.monotonic() < deadline, "the first record was never queued"
             time.sleep(0.01)
         others = [Fsync(os.path.join(mount.path, name), payloads[name])
@@ -172,9 +172,9 @@ def test_fsyncs_arriving_during_a_log_flush_share_the_next_one(store, workdir):
             thread.join(120)
             assert thread.done.is_set() and thread.error is None, thread.error
         after = daemon_stats(store)
-        assert after["log_syncs"] - before["log_syncs"] == 5
-        assert after["log_records"] - before["log_records"] == 5
-        assert after["log_batches"] - before["log_batches"] == 2, (before, after)
+        assert after["log_syncs_total"] - before["log_syncs_total"] == 5
+        assert after["log_records_total"] - before["log_records_total"] == 5
+        assert after["log_batches_total"] - before["log_batches_total"] == 2, (before, after)
         assert after["flush_jobs"] == before["flush_jobs"], "an fsync folded"
         os.unlink(arm)
         mount.kill9()
@@ -319,8 +319,8 @@ def test_an_fsync_logs_its_own_file_not_the_others(store, workdir):
             f.write(b_data)
             os.fsync(f.fileno())
         after = daemon_stats(store)
-        assert after["log_records"] - before["log_records"] == 1
-        logged = after["log_bytes_written"] - before["log_bytes_written"]
+        assert after["log_records_total"] - before["log_records_total"] == 1
+        logged = after["log_written_bytes_total"] - before["log_written_bytes_total"]
         assert 3 * CHUNK <= logged < 4 * CHUNK + 4096, f"fsync(b) logged {logged} bytes"
         fd = os.open(mount.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
