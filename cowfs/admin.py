@@ -242,7 +242,7 @@ def flush_if_mounted(store: Store, vol_id: int) -> bool:
 
 # --- gc ----------------------------------------------------------------------------------------
 
-def collect_garbage(store: Store, min_dead_fraction: float) -> dict:
+def collect_garbage(store: Store, min_dead_fraction: float, progress=None) -> dict:
     """gc, after asking every mounted volume's daemon to close the pack it
     appends to: gc cannot touch that pack, and after a big delete it may
     hold most of the dead bytes."""
@@ -256,7 +256,7 @@ def collect_garbage(store: Store, min_dead_fraction: float) -> dict:
                 control.request(store.run_dir, vol_id, dict(op="release-pack"), timeout_s=60.0)
             except CowfsError:
                 pass        # a crashed daemon's socket, or one too busy: its pack waits
-    return gc.collect(store, min_dead_fraction)
+    return gc.collect(store, min_dead_fraction, progress)
 
 
 # --- diff ---------------------------------------------------------------------------------------

@@ -262,8 +262,12 @@ def _list_notes(row: dict) -> str:
 
 
 def cmd_gc(args) -> int:
-    from . import admin
-    result = with_store(args, lambda store: admin.collect_garbage(store, args.min_dead))
+    from . import admin, progress
+    with progress.Progress("gc") as bar:
+        def report(done_bytes: int, total_bytes: int) -> None:
+            bar.total = total_bytes
+            bar.update(done_bytes)
+        result = with_store(args, lambda store: admin.collect_garbage(store, args.min_dead, report))
     skipped = result["packs_skipped_no_space"]
     full = result.pop("store_full")
     print(f"gc: packs {human(result['bytes_before'])} -> {human(result['bytes_after'])}; "

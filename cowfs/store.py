@@ -97,6 +97,9 @@ class Store:
         """Open an existing store; `metasync` False only for the mount daemon (see `schema.Env`)."""
         path = os.path.abspath(path)
         meta_dir = os.path.join(path, "meta")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise StoreError(f"{path} is a file, not a cowfs store (a store is a directory made by "
+                             "'cowfs init')")
         if not os.path.isdir(path):
             raise NotFoundError(f"store {path} does not exist; create it with 'cowfs init {path}'")
         if not os.path.isfile(os.path.join(meta_dir, "data.mdb")):

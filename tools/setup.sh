@@ -33,6 +33,7 @@ APT_PACKAGES=(
     ca-certificates
     libssl3 libgssapi-krb5-2 libxml2 liblz4-1 zlib1g libreadline8
     pgbouncer
+    systemd
 )
 
 log()  { printf 'setup: %s\n' "$*"; }
