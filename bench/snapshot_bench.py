@@ -13,7 +13,8 @@ to show what a data copy would cost instead.
 `--history N` also builds a volume with N snapshots (each after a small
 change to a 64-file tree, as an hourly schedule would keep) and times
 `list` and `df` at N/10 and at N snapshots: the cost per snapshot should
-stay flat (linear in snapshots, not quadratic).
+stay flat (linear in snapshots, not quadratic). It then destroys the older
+half with one range (`hist@%hN/2`) and times that.
 
 The large volume is deduplicated on purpose (a few thousand distinct
 chunks): its logical size and its metadata (one chunk-map record per
@@ -104,6 +105,9 @@ def history(store: Store, count: int) -> list[dict]:
             df_ms = time_ms(lambda: reports.df(store))
             rows.append(dict(snapshots=number, list_ms=list_ms, df_ms=df_ms,
                              list_ms_per_snapshot=list_ms / number, df_ms_per_snapshot=df_ms / number))
+    half = count // 2
+    destroy_ms = time_ms(lambda: admin.destroy(store, f"hist@%h{half}"))
+    rows.append(dict(destroyed_snapshots=half, destroy_range_ms=destroy_ms))
     return rows
 
 
@@ -168,6 +172,10 @@ def _report(result: dict, out: str) -> None:
           f"{result['snapshot_ratio']:.2f}, clone {result['clone_ratio']:.2f}; "
           f"plain-directory copy of the small volume: {result['plain_copy_small_ms']:.0f} ms")
     for row in result["history"]:
+        if "destroyed_snapshots" in row:
+            print(f"destroy hist@%h{row['destroyed_snapshots']} (one range, one transaction): "
+                  f"{row['destroy_range_ms']:.0f} ms")
+            continue
         print(f"{row['snapshots']} snapshots: list {row['list_ms']:.0f} ms "
               f"({row['list_ms_per_snapshot']:.2f} ms/snapshot), df {row['df_ms']:.0f} ms "
               f"({row['df_ms_per_snapshot']:.2f} ms/snapshot)")
