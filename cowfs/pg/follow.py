@@ -154,6 +154,11 @@ class _Follow:
             raise UsageError(f"the primary runs PostgreSQL {system.major} but --bin is "
                              f"PostgreSQL {self.major}; give the bin directory of {system.major}")
         settings = self.upstream.check_settings()
+        tablespaces = self.upstream.tablespaces()
+        if tablespaces:
+            raise UsageError(f"the primary has tablespaces ({', '.join(tablespaces)}); their files "
+                             "live outside its data directory and would be copied outside the "
+                             "volume: cowfs follows only clusters without tablespaces")
         if leftover is not None:
             self._remove_leftover(leftover)
         _check_empty(self.mnt, self.opts.volume)

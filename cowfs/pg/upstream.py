@@ -147,6 +147,20 @@ class Upstream:
                              "needs one slot: raise it and restart the primary")
         return settings
 
+    def tablespaces(self) -> Optional[list]:
+        """User tablespaces of the primary; None when it admits no SQL session to ask.
+
+        pg_basebackup writes a tablespace to the absolute path it has on the
+        primary: outside the volume (a clone would share it), and on the
+        primary's own machine onto the primary's directory.
+        """
+        try:
+            out = self.sql("SELECT spcname FROM pg_tablespace WHERE spcname NOT IN "
+                           "('pg_default', 'pg_global') ORDER BY 1")
+        except CowfsError:
+            return None
+        return out.splitlines()
+
     # --- the slot ----------------------------------------------------------------------------
 
     def create_slot(self, name: str) -> None:
