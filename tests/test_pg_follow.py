@@ -18,7 +18,11 @@ to it while the standby is snapshotted; the tests run in file order:
 4. bad input, one line each, nothing left: unreachable primary, wrong
    password, a primary without replication settings, a volume that is not
    empty, a slot that exists; a failing base backup drops its slot again;
-   a follow killed during the copy is cleaned up by the next run.
+   a follow killed during the copy is cleaned up by the next run;
+5. last, `cowfs pg cutover --online` 14 -> 18 of the followed primary: the
+   clone comes from the standby's snapshot, logical replication catches up
+   from the primary, the ledger loses no commit; the old primary follows
+   from its own directory until finish-cutover, which also ends the standby.
 
 Figures (base backup throughput, lag) are printed as COWFS_FIGURE lines,
 never asserted: the machine is shared.
@@ -68,9 +72,10 @@ class Adopted:
 
 
 @pytest.fixture(scope="module")
-def adopted(pg14_bin):
+def adopted(pg14_bin, pg18_bin):
     workdir = make_workdir()
-    primary = PlainPrimary(workdir, pg14_bin, hba=(
+    # wal_level logical: the online cutover at the end replicates from this primary.
+    primary = PlainPrimary(workdir, pg14_bin, settings={"wal_level": "logical"}, hba=(
         f"local replication {REPLICATOR[0]} scram-sha-256",
         f"local all {REPLICATOR[0]} scram-sha-256"))
     store = os.path.join(workdir, "store")
@@ -90,7 +95,7 @@ def adopted(pg14_bin):
         assert result.returncode == 0, result.stdout + result.stderr
         yield Adopted(workdir, primary, store, mnt, standby, read_json(report_path), result.stderr)
     finally:
-        stop_store_servers(store, pg14_bin)
+        stop_store_servers(store, pg18_bin)          # its pg_ctl stops 14 and 18 alike
         primary.stop()
         if os.path.exists(store):
             fsck_clean(store)
@@ -380,3 +385,46 @@ def test_failed_base_backup_drops_its_slot_and_a_killed_one_is_cleaned_up_next_t
     # Stop following: stop the standby, drop its slot.
     PgServer(adopted.primary.bin_dir, os.path.join(mnt, PGDATA)).stop("fast")
     adopted.primary.server.psql(f"SELECT pg_drop_replication_slot('{SPARE_SLOT}')")
+
+
+# --- 5. the online cutover of the followed primary (last: it moves the primary) -----------------
+
+def test_online_cutover_of_a_primary_that_is_not_on_cowfs(adopted, pg18_bin):
+    primary, old_data_dir = adopted.primary, adopted.primary.server.data_dir
+    primary.server.psql("ALTER TABLE pgbench_history REPLICA IDENTITY FULL")
+    report_path = os.path.join(adopted.workdir, "cutover.json")
+    load = ledger.Ledger(pg18_bin, primary.socket_dir, primary.server.port, rate_per_s=RATE_PER_S,
+                         writers=2, reader=False).start()
+    try:
+        wait_for(lambda: len(load.acked) >= 40)
+        result = cowfs("pg", "cutover", adopted.store, "main", "--pgdata", PGDATA, "--mountpoint",
+                       adopted.mnt, "--old-bin", primary.bin_dir, "--new-bin", pg18_bin, "--json",
+                       report_path, check=False, timeout=900)
+        acked = len(load.acked)
+        wait_for(lambda: len(load.acked) >= acked + 40)          # writes go on, on 18
+    finally:
+        figures = load.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = read_json(report_path)
+    assert step(report, "standby-catches-up")["outcome"] == "ok"
+    assert "promoted to a primary of its own" in step(report, "recover-old")["detail"]
+    print(f"COWFS_FIGURE follow online cutover of a plain-directory primary: write_pause_s="
+          f"{report['write_pause_s']}, client errors {len(figures.errors)}")
+    serving = PgServer(pg18_bin, os.path.join(report["new_mountpoint"], PGDATA))
+    serving.port, serving.socket_dir = primary.server.port, primary.socket_dir
+    assert serving.server_version().startswith("18.")
+    assert ledger.problems(pg18_bin, primary.socket_dir, primary.server.port, figures.acked) == []
+    # The old primary serves no more but follows, from its own directory on its own disk.
+    old = PgServer(primary.bin_dir, old_data_dir)
+    old.port, old.socket_dir = report["old_side_port"], report["logs"]
+    assert old.server_version().startswith("14.")
+    wait_for(lambda: ledger.missing_rows(pg18_bin, old.socket_dir, old.port, figures.acked) == [])
+
+    finish = cowfs("pg", "finish-cutover", adopted.store, "main", check=False, timeout=600)
+    assert finish.returncode == 0, finish.stdout + finish.stderr
+    assert "stop-standby" in finish.stdout
+    assert not os.path.exists(os.path.join(old_data_dir, "postmaster.pid"))    # stopped, kept
+    with open(os.path.join(old_data_dir, "PG_VERSION")) as f:
+        assert f.read().strip() == "14"
+    assert not os.path.ismount(adopted.mnt)
+    assert serving.server_version().startswith("18.")
