@@ -22,6 +22,7 @@ progress module later.
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,11 +53,13 @@ class CopyResult:
 def progress_display(label: str, stream=None) -> Callable[[int, int, bool], None]:
     """A function ``show(done_bytes, total_bytes, final)`` drawing bytes, rate and time left.
 
-    tqdm draws it if installed; otherwise one plain line every few
-    seconds (and a last one), which also reads well in a log file.
+    On a terminal tqdm draws it if installed; otherwise (a pipe, a log file,
+    no tqdm) one plain line every few seconds and a last one.
     """
     stream = stream or sys.stderr
     try:
+        if not stream.isatty():
+            raise ImportError
         from tqdm import tqdm
     except ImportError:
         return _plain_display(label, stream)
@@ -72,13 +75,15 @@ def progress_display(label: str, stream=None) -> Callable[[int, int, bool], None
 
 
 def _plain_display(label: str, stream) -> Callable[[int, int, bool], None]:
-    started, shown_at = time.monotonic(), [0.0]
+    started = time.monotonic()
+    shown_at = 0.0
 
     def show(done_bytes: int, total_bytes: int, final: bool) -> None:
+        nonlocal shown_at
         now = time.monotonic()
-        if not final and now - shown_at[0] < PLAIN_EVERY_S:
+        if not final and now - shown_at < PLAIN_EVERY_S:
             return
-        shown_at[0] = now
+        shown_at = now
         elapsed_s = max(now - started, 1e-6)
         rate = done_bytes / elapsed_s
         left_s = (total_bytes - done_bytes) / rate if rate > 0 and total_bytes > done_bytes else 0.0
@@ -103,8 +108,8 @@ class BaseBackup:
         args = ["-d", self.conninfo, "-D", self.client.data_dir, "-X", "stream", "-S", self.slot,
                 "-c", "fast" if self.fast_checkpoint else "spread", "-P", "-v", "--no-sync"]
         started = time.monotonic()
-        proc = self.client.popen("pg_basebackup", *args, stdout=open(os.devnull, "wb"),
-                                 stderr=-1)        # subprocess.PIPE
+        proc = self.client.popen("pg_basebackup", *args, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)
         done = total = 0
         try:
             for piece in _pieces(proc.stderr):

@@ -96,7 +96,14 @@ class Upstream:
         return self._psql(with_options(self.conninfo, replication="true"), command)
 
     def sql(self, query: str) -> str:
-        return self._psql(self.conninfo, query)
+        """An ordinary session; in database postgres unless the conninfo names one.
+
+        (libpq's default database is the user's name, which a replication
+        user seldom has.)
+        """
+        conninfo = self.conninfo if _is_uri(self.conninfo) else with_options(self.conninfo,
+                                                                               dbname="postgres")
+        return self._psql(conninfo, query)
 
     def _explain(self, message: str) -> CowfsError:
         """psql's failure as one line that names the primary (not its password) and what to do.
