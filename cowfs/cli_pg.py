@@ -55,9 +55,10 @@ def add_commands(sub) -> None:
     _add_clone(pg_sub)
 
 
-def _common(p, *, pgdata=True, json_out=True) -> None:
+def _common(p, *, pgdata=True, json_out=True,
+            volume_help="the volume holding the live data directory") -> None:
     p.add_argument("store", metavar="STORE", help="the cowfs store")
-    p.add_argument("volume", metavar="VOL", help="the volume holding the live data directory")
+    p.add_argument("volume", metavar="VOL", help=volume_help)
     if pgdata:
         p.add_argument("--pgdata", required=True, metavar="PATH",
                        help="data directory relative to the volume root, e.g. pgdata")
@@ -252,7 +253,8 @@ def _add_follow(pg_sub) -> None:
                "WAL sender and slot, and a 'replication' line for the user in pg_hba.conf; put "
                "a password in ~postgres/.pgpass (docs/postgres.md, 'Adopting an existing "
                "cluster'). Stop following: stop the standby, then drop the slot on the primary.")
-    _common(p, json_out=True)
+    _common(p, volume_help="an empty volume, which becomes the standby (or one that follows "
+                           "already)")
     p.add_argument("--primary", required=True, metavar="CONNINFO",
                    help="libpq conninfo of the primary, e.g. 'host=db1 port=5432 user=replicator' "
                         "(the user needs the REPLICATION privilege)")
@@ -283,7 +285,7 @@ def _add_status(pg_sub) -> None:
                     "back), and the volume's last snapshot. Exit 0 while the standby streams, "
                     "1 when it does not.",
         epilog="Example: cowfs pg status /srv/cowfs standby --json")
-    _common(p, pgdata=False, json_out=False)
+    _common(p, pgdata=False, json_out=False, volume_help="a volume that follows a primary")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 

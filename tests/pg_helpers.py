@@ -23,6 +23,7 @@ import time
 
 from cowfs import daemon
 from cowfs.pg import PgServer, free_port, pgbouncer
+from cowfs.pg.workspace import pid_file_is_its_own
 from helpers import Mount, cowfs, fsck_clean
 
 PGDATA = "pgdata"
@@ -283,7 +284,8 @@ def stop_store_servers(store: str, bin_dir: str) -> None:
     """Stop every PostgreSQL server on a mount of ``store`` and unmount them all (teardown)."""
     for mnt in store_mounts(store):
         data_dir = os.path.join(mnt, PGDATA)
-        if os.path.exists(os.path.join(data_dir, "postmaster.pid")):
+        # A clone never started holds its origin's pid file: pg_ctl would stop the origin.
+        if os.path.exists(os.path.join(data_dir, "postmaster.pid")) and pid_file_is_its_own(data_dir):
             subprocess.run([os.path.join(bin_dir, "pg_ctl"), "stop", "-D", data_dir, "-m",
                             "immediate", "-w"], capture_output=True, user="postgres")
         if cowfs("umount", mnt, check=False, timeout=120).returncode != 0:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import pytest
 
 from cowfs.pg import PgServer, free_port, ledger
+from cowfs.pg.workspace import stop_quietly
 from helpers import REPO, Mount, cowfs, fsck_clean, make_workdir, remove_workdir
 from pg_helpers import (PGDATA, PgbenchLoop, PlainPrimary, assert_one_line_error, read_json,
                         step, stop_store_servers, volume_names, wait_for)
@@ -385,6 +386,41 @@ def test_failed_base_backup_drops_its_slot_and_a_killed_one_is_cleaned_up_next_t
     # Stop following: stop the standby, drop its slot.
     PgServer(adopted.primary.bin_dir, os.path.join(mnt, PGDATA)).stop("fast")
     adopted.primary.server.psql(f"SELECT pg_drop_replication_slot('{SPARE_SLOT}')")
+
+
+def test_status_of_a_volume_that_does_not_follow(adopted):
+    store = os.path.join(adopted.workdir, "plain-store")
+    cowfs("init", store)
+    assert_one_line_error(cowfs("pg", "status", store, "main", check=False), 2, "does not follow",
+                          "cowfs pg follow")
+
+
+def test_a_clone_that_does_not_start_is_removed_again(adopted, ticks, pg18_bin):
+    volumes = volume_names(adopted.store)
+    result = cowfs("pg", "clone", adopted.store, "main@tick-0", "wrong-bin", "--pgdata", PGDATA,
+                   "--bin", pg18_bin, "--mountpoint", os.path.join(adopted.workdir, "wrong-bin"),
+                   check=False, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "PostgreSQL 14 data directory but --bin is PostgreSQL 18" in result.stdout
+    assert volume_names(adopted.store) == volumes
+    assert not os.path.ismount(os.path.join(adopted.workdir, "wrong-bin"))
+    # The clone held the standby's postmaster.pid: cleaning up must not have stopped the standby.
+    assert adopted.standby.psql("SELECT status FROM pg_stat_wal_receiver") == "streaming"
+
+
+def test_cleaning_up_a_clone_never_stops_the_server_it_was_cloned_from(adopted, ticks):
+    cowfs("clone", adopted.store, "main@tick-0", "never-started")
+    mount = Mount(adopted.store, os.path.join(adopted.workdir, "never-started"),
+                  "never-started").mount()
+    try:
+        # The clone holds the standby's postmaster.pid, naming the standby's running postmaster.
+        clone = PgServer(adopted.primary.bin_dir, os.path.join(mount.path, PGDATA))
+        assert clone.postmaster_pid() == adopted.standby.postmaster_pid()
+        assert stop_quietly(clone) == []
+    finally:
+        mount.close()
+    cowfs("destroy", adopted.store, "never-started")
+    assert adopted.standby.psql("SELECT status FROM pg_stat_wal_receiver") == "streaming"
 
 
 # --- 5. the online cutover of the followed primary (last: it moves the primary) -----------------

@@ -232,7 +232,6 @@ class _Follow:
         return result
 
     def _undo_copy(self) -> None:
-        stop_quietly(self.server)
         stop_stray_copies(self.data_dir)
         self.upstream.drop_slot(self.slot, wait=True)
         shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -392,11 +391,11 @@ def _start_clone(store: Store, opts: CloneOptions, report: Report, server: PgSer
         mount(store.path, opts.new_volume, mnt)
         step.detail = f"volume {opts.new_volume} (from {opts.source}) at {mnt}"
     with report.step("start") as step:
+        cluster.forget_stale_pid_file(server.data_dir)     # the origin's server's, not ours
         found = cluster.data_dir_major(server.data_dir)
         if found != major:
             raise UsageError(f"{opts.pgdata} is a PostgreSQL {found} data directory but --bin is "
                              f"PostgreSQL {major}")
-        cluster.forget_stale_pid_file(server.data_dir)
         port = opts.port or free_port()
         how = standby.start_clone(server, port, opts.socket_dir, CLONE_SERVER_SETTINGS, mnt)
         step.detail = (how or "crash recovery of the snapshot") + f"; port {port}"
