@@ -44,7 +44,7 @@ from ..errors import BusyError, CowfsError, ExistsError, NotFoundError, UsageErr
 from ..store import Store
 from . import cluster, standby
 from .basebackup import BaseBackup, progress_display, stop_stray_copies
-from .live import on_store
+from .live import on_store, volume_exists
 from .rehearse import stamp
 from .report import Report, StepError
 from .server import PgServer, free_port
@@ -100,9 +100,7 @@ def follow(opts: FollowOptions) -> Report:
 
 
 def _require_volume(store: Store, volume: str) -> None:
-    with store.env.begin() as txn:
-        names = {name for name, _ in volumes.list_volumes(txn, store.env)}
-    if volume not in names:
+    if not volume_exists(store, volume):
         raise NotFoundError(f"no volume named {volume!r} in {store.path}; 'cowfs list "
                             f"{store.path}' shows the volumes")
 
