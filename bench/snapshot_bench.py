@@ -162,7 +162,7 @@ def _report(result: dict, out: str) -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"| volume | logical | records in store | snapshot ms (median / max) | clone ms (median / max) |")
+    print("| volume | logical | records in store | snapshot ms (median / max) | clone ms (median / max) |")
     print("|---|---|---|---|---|")
     for row in result["rows"]:
         print(f"| {row['volume']} | {row['logical_bytes'] / (1 << 30):.2f} GiB | {row['store_records']} | "

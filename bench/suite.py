@@ -20,7 +20,10 @@ clone_load (live_with_clone); snapshots24 (stored bytes per snapshot vs WAL);
 chunks (TPC-B and sequential write at chunk sizes 8-64 KiB); flushes
 (flushes_per_commit: device flushes per single-client TPC-B commit, on a loop
 device of its own) and clone_ready (clone_to_ready: crash recovery of one
-crash image on a cowfs clone vs a plain copy), both in bench/durability_bench.py.
+crash image on a cowfs clone vs a plain copy), both in bench/durability_bench.py;
+follow (base_backup, base_backup_follow: pg_basebackup into cowfs vs a plain
+directory; replay_lag: a cowfs and a plain standby under TPC-B on the primary;
+bench/follow_bench.py).
 The daemons' peak RSS (VmHWM) is sampled throughout. The load average at the
 start and end goes into the results (the machine is shared).
 
@@ -43,13 +46,14 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import durability_bench  # noqa: E402
+import follow_bench  # noqa: E402
 import harness  # noqa: E402
 import report  # noqa: E402
 import workloads  # noqa: E402
 from harness import REPO, Harness, log  # noqa: E402
 
-GROUPS = {**workloads.GROUPS, **durability_bench.GROUPS}
-ALIASES = {**workloads.ALIASES, **durability_bench.ALIASES}
+GROUPS = {**workloads.GROUPS, **durability_bench.GROUPS, **follow_bench.GROUPS}
+ALIASES = {**workloads.ALIASES, **durability_bench.ALIASES, **follow_bench.ALIASES}
 ORDER = list(GROUPS)
 
 

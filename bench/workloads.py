@@ -15,10 +15,9 @@ import random
 import shutil
 import struct
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 from harness import GIB, MIB, Harness, Side, disk_bytes, drop_caches, log
 
@@ -51,13 +50,15 @@ class Config:
     flush_transactions: int = 2000     # single-client TPC-B transactions counted per side and round
     clone_scale: int = 50              # the large pgbench -i before the crash image
     clone_load_s: int = 5              # TPC-B load before the snapshot that is the crash image
+    follow_scale: int = 10             # the primary a standby follows (bench/follow_bench.py)
 
     @classmethod
     def quick(cls) -> "Config":
         return cls(rounds=1, scale=1, tpcb_s=3, select_s=2, seq_bytes=16 * MIB,
                    rand_bytes=16 * MIB, fio_s=2, snap_small_mib=2, snap_large_gib=0.2,
                    snap_repeat=5, snap_history=20, snap_interval_s=0.1, chunk_tpcb_s=2,
-                   chunk_sizes=(8192, 32768), flush_transactions=100, clone_scale=2, clone_load_s=2)
+                   chunk_sizes=(8192, 32768), flush_transactions=100, clone_scale=2, clone_load_s=2,
+                   follow_scale=1)
 
 
 # --- metrics ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ into the exit code (0 only when every step passed).
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -14,7 +15,8 @@ from .errors import EXIT_FAILURE, EXIT_OK, UsageError
 _PG_HELP = ("PostgreSQL workflows on cowfs volumes: rehearse a major-version upgrade on an "
             "instant clone while the live cluster serves; cut over while it keeps serving "
             "(clients wait about a second in PgBouncer) with no lost write; roll back the same "
-            "way; bisect snapshots to find when something broke.")
+            "way; bisect snapshots to find when something broke; follow a primary that stays "
+            "on its own disks with a cowfs standby, whose snapshots feed all of the above.")
 
 _BIN_HELP = "bin directory of PostgreSQL {what} (holding postgres, pg_ctl, psql{extra})"
 
@@ -38,7 +40,7 @@ def _port(text: str) -> int:
 def add_commands(sub) -> None:
     """Add the `pg` command and its subcommands to the top-level subparsers."""
     p = sub.add_parser("pg", help="PostgreSQL: rehearse-upgrade, cutover, rollback-cutover, "
-                                  "finish-cutover, bisect",
+                                  "finish-cutover, bisect, follow, status, clone",
                        description=_PG_HELP,
                        epilog="Step by step with examples: docs/postgres.md. As root, every "
                               "PostgreSQL program runs as the owner of the data directory.")
@@ -48,11 +50,15 @@ def add_commands(sub) -> None:
     _add_rollback(pg_sub)
     _add_finish(pg_sub)
     _add_bisect(pg_sub)
+    _add_follow(pg_sub)
+    _add_status(pg_sub)
+    _add_clone(pg_sub)
 
 
-def _common(p, *, pgdata=True, json_out=True) -> None:
+def _common(p, *, pgdata=True, json_out=True,
+            volume_help="the volume holding the live data directory") -> None:
     p.add_argument("store", metavar="STORE", help="the cowfs store")
-    p.add_argument("volume", metavar="VOL", help="the volume holding the live data directory")
+    p.add_argument("volume", metavar="VOL", help=volume_help)
     if pgdata:
         p.add_argument("--pgdata", required=True, metavar="PATH",
                        help="data directory relative to the volume root, e.g. pgdata")
@@ -226,6 +232,87 @@ def _add_bisect(pg_sub) -> None:
     p.add_argument("--port", type=_port, metavar="N", help="port for the probe servers")
 
 
+def _add_follow(pg_sub) -> None:
+    p = pg_sub.add_parser(
+        "follow", help="make an empty volume a streaming standby of a primary on any disk",
+        description="Mount VOL at MNT, take a base backup of the primary into it (pg_basebackup "
+                    "with streamed WAL, through a physical replication slot created on the "
+                    "primary so the standby never falls behind what the primary keeps), with a "
+                    "progress display (bytes, rate, time left), snapshot it, start the standby "
+                    "and return once it streams. The primary is only read, apart from the slot. "
+                    "Refused in one line, with nothing changed: an unreachable primary, wrong "
+                    "credentials, a primary without replication settings, a volume that is not "
+                    "empty. A failed base backup removes the copy and drops the slot again; run "
+                    "the same command again to start over. Run on a volume that follows already, "
+                    "it starts the standby if it is down and reports its state. Snapshots of the "
+                    "volume (cowfs snapshot, cowfs policy) feed 'cowfs pg clone', "
+                    "rehearse-upgrade and bisect, which start them as primaries of their own.",
+        epilog="Example: cowfs pg follow /srv/cowfs standby --primary 'host=db1 port=5432 "
+               "user=replicator' --pgdata pgdata --bin /usr/lib/postgresql/14/bin --mountpoint "
+               "/mnt/standby --port 5433. The primary needs wal_level replica or logical, a free "
+               "WAL sender and slot, and a 'replication' line for the user in pg_hba.conf; put "
+               "a password in ~postgres/.pgpass (docs/postgres.md, 'Adopting an existing "
+               "cluster'). Stop following: stop the standby, then drop the slot on the primary.")
+    _common(p, volume_help="an empty volume, which becomes the standby (or one that follows "
+                           "already)")
+    p.add_argument("--primary", required=True, metavar="CONNINFO",
+                   help="libpq conninfo of the primary, e.g. 'host=db1 port=5432 user=replicator' "
+                        "(the user needs the REPLICATION privilege)")
+    p.add_argument("--bin", required=True, metavar="DIR",
+                   help=_BIN_HELP.format(what="of the primary's major version",
+                                         extra=", pg_basebackup"))
+    p.add_argument("--mountpoint", required=True, metavar="MNT",
+                   help="where VOL is mounted (mounted there if it is not)")
+    p.add_argument("--port", required=True, type=_port, metavar="N", help="port of the standby")
+    p.add_argument("--socket-dir", default="/tmp", metavar="DIR",
+                   help="Unix socket directory of the standby (default: /tmp); it listens on no "
+                        "TCP address")
+    p.add_argument("--slot", metavar="NAME",
+                   help="name of the physical slot on the primary (default: cowfs_<VOL>)")
+    p.add_argument("--spread-checkpoint", action="store_true",
+                   help="let the primary's checkpoint at the start of the copy spread out (less "
+                        "I/O on the primary, a slower start) instead of a fast one")
+
+
+def _add_status(pg_sub) -> None:
+    p = pg_sub.add_parser(
+        "status", help="replay lag, slot state and last snapshot of a following volume",
+        description="For a volume that 'cowfs pg follow' made a standby: whether it streams, "
+                    "the replay lag in bytes (the primary's WAL position minus what the standby "
+                    "replayed) and seconds, the slot as the primary sees it (active, WAL it holds "
+                    "back), and the volume's last snapshot. Exit 0 while the standby streams, "
+                    "1 when it does not.",
+        epilog="Example: cowfs pg status /srv/cowfs standby --json")
+    _common(p, pgdata=False, json_out=False, volume_help="a volume that follows a primary")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _add_clone(pg_sub) -> None:
+    p = pg_sub.add_parser(
+        "clone", help="clone a snapshot and start its cluster as a primary of its own",
+        description="Clone VOL@SNAP to NEWVOL, mount it at MNT and start PostgreSQL on it. A "
+                    "snapshot of a standby (cowfs pg follow) is recovered to the end of the WAL "
+                    "it holds and promoted: a new timeline, no connection to the primary, no "
+                    "slot. Any other snapshot gets crash recovery. The server listens on a Unix "
+                    "socket only, never archives and runs no logical replication worker. If it "
+                    "does not start, the clone is removed again.",
+        epilog="Example: cowfs pg clone /srv/cowfs standby@auto-20261201T1000Z try1 --pgdata "
+               "pgdata --bin /usr/lib/postgresql/14/bin --mountpoint /mnt/try1 --port 5440")
+    p.add_argument("store", metavar="STORE", help="the cowfs store")
+    p.add_argument("source", metavar="VOL@SNAP", help="the snapshot (VOL alone: a snapshot now)")
+    p.add_argument("new_volume", metavar="NEWVOL", help="name of the new volume")
+    p.add_argument("--pgdata", required=True, metavar="PATH",
+                   help="data directory relative to the volume root, e.g. pgdata")
+    p.add_argument("--bin", required=True, metavar="DIR",
+                   help=_BIN_HELP.format(what="of the snapshot's cluster", extra=""))
+    p.add_argument("--mountpoint", required=True, metavar="MNT", help="where to mount NEWVOL")
+    p.add_argument("--port", type=_port, metavar="N", help="port (default: a free one)")
+    p.add_argument("--socket-dir", default="/tmp", metavar="DIR",
+                   help="Unix socket directory (default: /tmp)")
+    p.add_argument("--json", metavar="FILE", dest="json_path",
+                   help="also write the report as JSON to FILE")
+
+
 def _emit(report, args) -> int:
     # JSON first: a script reading it must get it even if our stdout is gone.
     if getattr(args, "json_path", None):
@@ -249,10 +336,11 @@ def _check_json_path(args) -> None:
 
 def cmd_pg(args) -> int:
     handlers = {"rehearse-upgrade": _rehearse, "cutover": _cutover,
-                "rollback-cutover": _rollback, "finish-cutover": _finish, "bisect": _bisect}
+                "rollback-cutover": _rollback, "finish-cutover": _finish, "bisect": _bisect,
+                "follow": _follow, "status": _status, "clone": _clone}
     if args.pg_command is None:
         raise UsageError("give a subcommand: rehearse-upgrade, cutover, rollback-cutover, "
-                         "finish-cutover or bisect (see 'cowfs pg --help')")
+                         "finish-cutover, bisect, follow, status or clone (see 'cowfs pg --help')")
     _check_json_path(args)
     return handlers[args.pg_command](args)
 
@@ -319,6 +407,60 @@ def _bisect(args) -> int:
         store=args.store, volume=args.volume, pgdata=args.pgdata, bin_dir=args.bin,
         check_sql=args.check, database=args.database, from_snapshot=args.from_snapshot,
         to_snapshot=args.to_snapshot, port=args.port)), args)
+
+
+def _follow(args) -> int:
+    from .pg.follow import FollowOptions, follow
+    return _emit(follow(FollowOptions(
+        store=args.store, volume=args.volume, primary=args.primary, pgdata=args.pgdata,
+        bin_dir=args.bin, mountpoint=args.mountpoint, port=args.port, socket_dir=args.socket_dir,
+        slot=args.slot, fast_checkpoint=not args.spread_checkpoint,
+        progress=True)), args)
+
+
+def _status(args) -> int:
+    from .pg.follow import status
+    facts = status(args.store, args.volume)
+    if args.json:
+        print(json.dumps(facts, indent=1))
+    else:
+        print(status_text(facts))
+    return EXIT_OK if facts["streaming"] else EXIT_FAILURE
+
+
+def status_text(facts: dict) -> str:
+    """`cowfs pg status` for people: what streams, how far behind, what the primary keeps."""
+    lag, slot, snap = facts.get("lag") or {}, facts["slot_on_primary"], facts["last_snapshot"]
+    lines = [f"volume {facts['volume']} at {facts['mountpoint']} follows {facts['primary']} "
+             f"({facts['state']})",
+             f"  standby: {facts['standby']}; "
+             + ("streaming" if facts["streaming"] else
+                f"NOT streaming (WAL receiver: {(facts.get('receiver') or {}).get('receiver', '-')})")]
+    if lag.get("bytes") is not None:
+        seconds = "unknown" if lag["seconds"] is None else f"{lag['seconds']:.3f} s"
+        lines.append(f"  replay lag: {lag['bytes']:,} bytes, {seconds} (against the "
+                     f"{lag['measured_against']})")
+    if not slot["reachable"]:
+        lines.append(f"  slot {facts['slot']} on the primary: unknown ({slot['error']})")
+    elif not slot["exists"]:
+        lines.append(f"  slot {facts['slot']} on the primary: MISSING (the primary keeps no WAL "
+                     "for the standby; follow again into an empty volume)")
+    else:
+        held = slot["retained_bytes"]
+        lines.append(f"  slot {facts['slot']} on the primary: {'active' if slot['active'] else 'INACTIVE'}, "
+                     f"keeps WAL from {slot['restart_lsn']} ({(held or 0):,} bytes), "
+                     f"wal_status {slot['wal_status']}")
+    lines.append("  last snapshot: " + (f"{snap['name']} at {snap['created']} ({snap['age_s']:.0f} s ago)"
+                                        if snap else "none"))
+    return "\n".join(lines)
+
+
+def _clone(args) -> int:
+    from .pg.follow import CloneOptions, clone_primary
+    return _emit(clone_primary(CloneOptions(
+        store=args.store, source=args.source, new_volume=args.new_volume, pgdata=args.pgdata,
+        bin_dir=args.bin, mountpoint=args.mountpoint, port=args.port,
+        socket_dir=args.socket_dir)), args)
 
 
 COMMANDS = {"pg": cmd_pg}

@@ -25,9 +25,7 @@ import trio
 from . import (control, intent_log, log_replay, logs, mounting, policy, schema, scheduling, snapshots,
                volumes)
 from .errors import BusyError, CowfsError, FsError, NotFoundError, StoreIOError, UsageError
-# Re-exported for the callers that reach mounts through the daemon module
-# (pg/workspace, tests/helpers, bench/harness); new code uses `mounting`.
-from .mounting import FUSE_TYPE, find_mount, read_registry, unmount  # noqa: F401
+from .mounting import find_mount
 from .filesystem import Filesystem
 from .counted_ops import CountedOps
 from .group_commit import GroupCommitter
@@ -37,7 +35,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COMMIT_INTERVAL_S = 5.0
+DEFAULT_COMMIT_INTERVAL_S = mounting.DEFAULT_COMMIT_INTERVAL_S
 # Kernel read-ahead of the mount. FUSE mounts get 128 KiB, so a sequential
 # reader has one 128 KiB request in flight at a time. At 4 MiB the kernel
 # sends 1 MiB requests (the largest libfuse negotiates) several at a time,

@@ -194,7 +194,10 @@ class Readiness:
 
 # --- ready: the starter's side -----------------------------------------------------------------
 
-def spawn(store: str, mountpoint: str, volume: str, commit_interval_s: float,
+DEFAULT_COMMIT_INTERVAL_S = 5.0      # `cowfs mount --commit-interval`'s default
+
+
+def spawn(store: str, mountpoint: str, volume: str, commit_interval_s: float = DEFAULT_COMMIT_INTERVAL_S,
           extra_args=()) -> int:
     """Start `cowfs mount --foreground` detached; return its pid once the mount is usable.
 

@@ -8,6 +8,9 @@ a failed command left behind), then checks fsck.
 
 `Bouncer` is a PgBouncer of the test's own (transaction pooling) in front
 of it, run as the postgres user and stopped by its pid.
+
+`PlainPrimary` is a cluster on a plain directory, the primary a cowfs
+standby follows (test_pg_follow.py).
 """
 
 import json
@@ -20,6 +23,7 @@ import time
 
 from cowfs import mounting
 from cowfs.pg import PgServer, free_port, pgbouncer
+from cowfs.pg.workspace import pid_file_is_its_own
 from helpers import Mount, cowfs, fsck_clean
 
 PGDATA = "pgdata"
@@ -82,14 +86,7 @@ class LiveCluster:
 
     def close(self) -> None:
         """Stop every server on a mount of our store, unmount them all, fsck."""
-        for mnt in store_mounts(self.store):
-            for dirpath in (os.path.join(mnt, PGDATA),):
-                if os.path.exists(os.path.join(dirpath, "postmaster.pid")):
-                    subprocess.run([os.path.join(self.new_bin, "pg_ctl"), "stop", "-D", dirpath,
-                                    "-m", "immediate", "-w"], capture_output=True, user="postgres")
-            result = cowfs("umount", mnt, check=False, timeout=120)
-            if result.returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+        stop_store_servers(self.store, self.new_bin)
         for path in self._remove:
             shutil.rmtree(path, ignore_errors=True)
         fsck_clean(self.store)
@@ -210,3 +207,77 @@ def assert_one_line_error(result, exit_code: int, *needles) -> None:
     assert "Traceback" not in result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+class PlainPrimary:
+    """A primary on a plain directory (not cowfs), as the cluster a user adopts has.
+
+    Replication settings as a standby needs them; ``log_connections`` so a
+    test can see every connection the primary accepted. ``hba`` lines come
+    first in pg_hba.conf (initdb's trust lines for the postgres user follow).
+    """
+
+    def __init__(self, workdir: str, bin_dir: str, name: str = "primary", settings: dict = None,
+                 hba: tuple = ()):
+        self.bin_dir = bin_dir
+        self.root = os.path.join(workdir, name)
+        os.makedirs(self.root)
+        shutil.chown(self.root, "postgres", "postgres")
+        self.server = PgServer(bin_dir, os.path.join(self.root, "data"),
+                               log_path=os.path.join(self.root, "postgresql.log"))
+        self.socket_dir = os.path.join(self.root, "run")
+        self.settings = dict(STANDBY_PRIMARY_SETTINGS, **(settings or {}))
+        self.hba = hba
+
+    def create(self, scale: int = SCALE) -> "PlainPrimary":
+        self.server.initdb()
+        with open(os.path.join(self.server.data_dir, "postgresql.conf"), "a") as f:
+            f.writelines(f"{name} = '{value}'\n" for name, value in self.settings.items())
+        hba = os.path.join(self.server.data_dir, "pg_hba.conf")
+        with open(hba) as f:
+            rest = f.read()
+        with open(hba, "w") as f:
+            f.writelines(f"{line}\n" for line in self.hba)
+            f.write(rest)
+        self.server.start(free_port(), self.socket_dir)
+        if scale:
+            self.server.pgbench_init(scale)
+        return self
+
+    def conninfo(self, **extra) -> str:
+        options = {"host": self.socket_dir, "port": self.server.port, "user": "postgres", **extra}
+        return " ".join(f"{key}={value}" for key, value in options.items())
+
+    def slots(self) -> dict:
+        """{slot name: active} on the primary."""
+        rows = self.server.psql("SELECT slot_name, active FROM pg_replication_slots").splitlines()
+        return {name: active == "t" for name, active in (row.split("|") for row in rows)}
+
+    def log_size(self) -> int:
+        return os.path.getsize(self.server.log_path)
+
+    def log_since(self, offset: int) -> str:
+        with open(self.server.log_path, errors="replace") as f:
+            f.seek(offset)
+            return f.read()
+
+    def stop(self) -> None:
+        if os.path.exists(os.path.join(self.server.data_dir, "postmaster.pid")):
+            self.server.stop("fast")
+
+
+# What a streaming standby needs of its primary (docs/postgres.md, "Adopting an existing cluster").
+STANDBY_PRIMARY_SETTINGS = {"wal_level": "replica", "max_wal_senders": 10,
+                            "max_replication_slots": 10, "log_connections": "on"}
+
+
+def stop_store_servers(store: str, bin_dir: str) -> None:
+    """Stop every PostgreSQL server on a mount of ``store`` and unmount them all (teardown)."""
+    for mnt in store_mounts(store):
+        data_dir = os.path.join(mnt, PGDATA)
+        # A clone never started holds its origin's pid file: pg_ctl would stop the origin.
+        if os.path.exists(os.path.join(data_dir, "postmaster.pid")) and pid_file_is_its_own(data_dir):
+            subprocess.run([os.path.join(bin_dir, "pg_ctl"), "stop", "-D", data_dir, "-m",
+                            "immediate", "-w"], capture_output=True, user="postgres")
+        if cowfs("umount", mnt, check=False, timeout=120).returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)

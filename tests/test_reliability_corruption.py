@@ -89,7 +89,7 @@ def test_flipped_byte_gives_eio_for_that_file_only_and_fsck_names_it(store, two_
         mount.close()
     out = fsck_output(store, "--verify-data")
     assert "do not match the checksum" in out
-    assert f"reads damaged chunk" in out and f"at file offset {2 * CHUNK_BYTES}" in out
+    assert "reads damaged chunk" in out and f"at file offset {2 * CHUNK_BYTES}" in out
     flip_byte(pack, offset + 100)               # undo: the store is whole again
     fsck_clean(store)
     assert cowfs("fsck", store, "--verify-data", check=False).returncode == 0

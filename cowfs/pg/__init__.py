@@ -15,8 +15,13 @@ Modules, bottom up:
     preconditions  what an online cutover refuses, checked before any change
     window     the record of an open online cutover: who serves, who follows
     switch     the switch between the two behind a PgBouncer pause
+    upstream   a primary reached by conninfo, wherever it runs: checks, its slot
+    basebackup pg_basebackup with a progress display
+    standby    a streaming standby on a volume; clones of it started as primaries
+    adopted    the online cutover of a followed primary (not on cowfs)
     rehearse, cutover (offline), online (cutover --online, rollback, finish),
-    bisect     the `cowfs pg` workflows
+    bisect, follow (follow, status, clone)
+               the `cowfs pg` workflows
     ledger     an open-loop write probe: no acknowledged commit lost or doubled
 
 Imports point one way: this package uses the library (admin, snapshots,

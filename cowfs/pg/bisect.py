@@ -10,7 +10,8 @@ the ends are never probed on their own (a range that is all good or all bad
 is reported as such).
 
 A probe: clone the snapshot, mount the clone, start a server on it (crash
-recovery of a snapshot taken while the live server ran), run the check
+recovery of a snapshot taken while the live server ran; a standby's snapshot
+is recovered and promoted, see standby.py), run the check
 (true = good, false = bad), stop the server immediately (the clone is thrown
 away, a checkpoint would be wasted), unmount and destroy the clone. A check
 that fails with an error stops the search: a broken check must not be read
@@ -26,7 +27,7 @@ from typing import Optional
 from .. import admin, snapshots, volumes
 from ..errors import CowfsError, NotFoundError, UsageError
 from ..store import Store
-from . import cluster
+from . import cluster, standby
 from .rehearse import stamp
 from .report import Report, StepError
 from .server import PgError, PgServer, free_port
@@ -139,8 +140,8 @@ class _Bisect:
             cluster.forget_stale_pid_file(data_dir)
             server = self.ws.started(PgServer(self.opts.bin_dir, data_dir))
             self.servers_started += 1
-            server.start(self.opts.port or free_port(), self.ws.run_dir,
-                         settings=CLONE_SERVER_SETTINGS)
+            standby.start_clone(server, self.opts.port or free_port(), self.ws.run_dir,
+                                CLONE_SERVER_SETTINGS, mnt)
             try:
                 output = server.psql(self.opts.check_sql, database=self.opts.database)
             except PgError as exc:

@@ -30,6 +30,10 @@ start of the last record replayed, so starting there applies the last
 transaction twice. The checkpoint that ends crash recovery is written right
 after the last replayed record (its location equals its redo location).
 
+A following volume (`cowfs pg follow`) cuts over the primary it follows,
+which stays on its own disks: the clone comes from the standby's snapshot
+(adopted.py).
+
 Nothing is written to the live *cluster* but the publication, the slots and
 the DDL block, and a failure before the switch removes them again; the
 clone volume stays for inspection. The live server never stops unless the
@@ -38,19 +42,18 @@ switch does it, and a failed switch starts it again (switch.py).
 
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 from .. import admin
 from ..errors import CowfsError, ExistsError, UsageError
 from ..store import Store
-from . import preconditions, replication
+from . import adopted, preconditions, replication, standby
 from .live import CutoverInput, check_mounted_volume, live_endpoint, on_store, volume_exists
 from .pgbouncer import PgBouncerConsole
 from .rehearse import stamp
 from .report import Report
-from .server import PgError, PgServer, free_port
+from .server import PgServer, free_port
 from .switch import Switch, ensure_following, follow
 from .upgrade import Upgrader, UpgradePlan, check_data_dir, check_pgdata, check_versions, read_check_sql
 from .window import FOLLOWER_SETTINGS, Side, Window, load, open_window
@@ -104,7 +107,10 @@ class _OnlineCutover:
         self.report = Report("cutover")
         self.report.facts.update(mode="online", volume=opts.volume, old_major=self.old_major,
                                  new_major=self.new_major)
-        self.live = PgServer(opts.old_bin, os.path.join(self.mnt, self.pgdata))
+        # A following volume: the live server is the primary it follows, on its own disks.
+        self.followed = standby.load_record(self.mnt)
+        self.live = PgServer(opts.old_bin, adopted.primary_data_dir(self.followed, self.mnt, self.pgdata)
+                             if self.followed else os.path.join(self.mnt, self.pgdata))
         self.console: Optional[PgBouncerConsole] = None
         self.ws = Workspace()
         self.window: Optional[Window] = None
@@ -160,7 +166,8 @@ class _OnlineCutover:
                 port=endpoint.port, socket_dir=endpoint.socket_dir,
                 listen_addresses=endpoint.listen_addresses, run_dir=self.ws.run_dir,
                 databases=self.databases,
-                old=Side(self.old_major, self.opts.old_bin, self.opts.volume, self.mnt, side_ports[0]),
+                old=Side(self.old_major, self.opts.old_bin, self.opts.volume, self.mnt, side_ports[0],
+                         data_dir=self.live.data_dir if self.followed else ""),
                 new=Side(self.new_major, self.opts.new_bin, self.new_volume, self.new_mnt,
                          side_ports[1]))
             step.detail = (f"port {endpoint.port}, socket directory {endpoint.socket_dir}; "
@@ -181,6 +188,8 @@ class _OnlineCutover:
 
     def _upgrade_clone(self) -> None:
         report, store = self.report, self.store
+        if self.followed:
+            adopted.wait_standby_caught_up(report, self.mnt, self.live)
         with report.step("snapshot-live") as step:
             admin.snapshot(store, self.snapshot)
             report.snapshots.append(self.snapshot)
@@ -336,6 +345,10 @@ def _finish(window: Window) -> Report:
     report.facts.update(mode="online", volume=window.volume,
                         serving=f"{serving_key} (PostgreSQL {window.side(serving_key).major})")
     try:
+        if following_key == "old" and window.old.data_dir:
+            with report.step("stop-standby") as step:
+                step.detail = adopted.stop_physical_standby(window.old.mountpoint,
+                                                            ensure_following(window)) or "none"
         with report.step(f"stop-{following_key}") as step:
             following = ensure_following(window)
             names = window.links_to(following_key)

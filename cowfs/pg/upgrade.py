@@ -5,7 +5,8 @@ Steps, each timed, each followed by a snapshot of the clone
 state *before* any step can be cloned and started again:
 
     recover-old        start the old server on the clone (crash recovery of the
-                       snapshot), read its locale/encoding/checksum settings and
+                       snapshot; a standby's snapshot is recovered and promoted,
+                       standby.py), read its locale/encoding/checksum settings and
                        every table's row count, drop the clone's copies of live's
                        logical replication slots, stop it cleanly
     initdb-new         a new cluster beside it with the same settings (checksums
@@ -45,7 +46,7 @@ from typing import Callable, Optional
 
 from .. import admin
 from ..errors import CowfsError, ExistsError, UsageError
-from . import cluster, replication
+from . import cluster, replication, standby
 from .report import Report, StepError
 from .server import PgServer, free_port
 from .workspace import Workspace
@@ -186,7 +187,8 @@ class Upgrader:
             check_data_dir(plan.data_dir, plan.pgdata, plan.old_major)
             stale = cluster.forget_stale_pid_file(plan.data_dir)
             server = self.ws.started(PgServer(plan.old_bin, plan.data_dir))
-            server.start(self._port(), self.ws.run_dir, settings=CLONE_SERVER_SETTINGS)
+            promoted = standby.start_clone(server, self._port(), self.ws.run_dir,
+                                           CLONE_SERVER_SETTINGS, plan.mountpoint)
             facts = [inspect(server)] if inspect else []
             plan.settings = cluster.initdb_settings(server)
             if count_rows:
@@ -198,7 +200,7 @@ class Upgrader:
                 if dropped:
                     facts.append(f"dropped the copies of live's logical slots {', '.join(dropped)}")
             server.stop("fast")
-            origin = "crash recovery of a running snapshot" if stale else "clean start"
+            origin = promoted or ("crash recovery of a running snapshot" if stale else "clean start")
             step.detail = "; ".join([origin, *facts, "stopped cleanly"])
 
     def initdb_new(self) -> None:

@@ -45,6 +45,9 @@ class Side:
     volume: str
     mountpoint: str
     side_port: int            # where it listens while it follows
+    # Set when the cluster is not on the volume at ``mountpoint``: a primary on its own
+    # disks that the volume's standby follows (adopted.py); the record still lives there.
+    data_dir: str = ""
 
 
 @dataclass
@@ -83,7 +86,7 @@ class Window:
         else:
             port, socket_dir = side.side_port, self.run_dir
             log_path = os.path.join(self.run_dir, f"pg{side.major}-{key}.log")
-        server = PgServer(side.bin_dir, os.path.join(side.mountpoint, self.pgdata),
+        server = PgServer(side.bin_dir, side.data_dir or os.path.join(side.mountpoint, self.pgdata),
                           log_path=log_path)
         server.port, server.socket_dir = port, socket_dir
         return server

@@ -17,8 +17,6 @@ import logging
 import os
 import signal
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -34,13 +32,15 @@ UNMOUNT_ATTEMPTS = 5
 
 
 def mount(store_path: str, volume: str, mountpoint: str) -> None:
-    """``cowfs mount STORE MNT --volume VOL``; returns once the mount is usable."""
+    """Mount as `cowfs mount STORE MNT --volume VOL` does (`mounting.spawn`);
+    returns once the mount is usable."""
     os.makedirs(mountpoint, exist_ok=True)
-    result = subprocess.run([sys.executable, "-m", "cowfs", "mount", store_path, mountpoint,
-                             "--volume", volume], capture_output=True, text=True)
-    if result.returncode != 0:
-        detail = result.stderr.strip().removeprefix("cowfs: ") or f"exit {result.returncode}"
-        raise CowfsError(f"mounting volume {volume} at {mountpoint} failed: {detail}")
+    try:
+        mounting.spawn(store_path, mountpoint, volume, mounting.DEFAULT_COMMIT_INTERVAL_S)
+    except CowfsError as exc:
+        error = CowfsError(f"mounting volume {volume} at {mountpoint} failed: {exc}")
+        error.exit_code = exc.exit_code
+        raise error from exc
 
 
 def unmount(mountpoint: str) -> None:
@@ -177,6 +177,8 @@ def stop_quietly(server: PgServer) -> list:
     """Stop a server fast, else immediately; never raises (used while cleaning up)."""
     if not os.path.exists(os.path.join(server.data_dir, "postmaster.pid")):
         return []          # stopped already, or its data directory has moved (install-new)
+    if not pid_file_is_its_own(server.data_dir):
+        return []          # a clone's copy of its origin's pid file: nothing runs here
     for mode in ("fast", "immediate"):
         try:
             server.stop(mode, timeout_s=120)
@@ -185,6 +187,24 @@ def stop_quietly(server: PgServer) -> list:
             last = f"could not stop the server of {server.data_dir} ({mode}): {exc}"
             log.warning("%s", last)
     return [last]
+
+
+def pid_file_is_its_own(data_dir: str) -> bool:
+    """False when postmaster.pid names a live process that serves another data directory.
+
+    A clone holds its origin's postmaster.pid until a server starts on it;
+    the pid in it is the origin's postmaster (the live server, a standby),
+    still running. ``pg_ctl stop`` on the clone would signal *that* server.
+    A postmaster's working directory is its data directory, so the check
+    is exact. A pid that runs nothing: True (pg_ctl knows a stale file).
+    """
+    try:
+        with open(os.path.join(data_dir, "postmaster.pid")) as f:
+            pid = int(f.readline())
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except (OSError, ValueError):
+        return True
+    return os.path.realpath(cwd) == os.path.realpath(data_dir)
 
 
 class Terminated(CowfsError):
