@@ -59,7 +59,7 @@ cleanup() {
     # Stop every server and unmount every mount of the demo store (also clones
     # a failed command left behind), each by its own pid file / mount point.
     for mnt in $(awk '$3 == "fuse.cowfs" {print $2}' /proc/mounts); do
-        if "$PY" -c "import sys; from cowfs import daemon as d; e = d.find_mount(sys.argv[1]); \
+        if "$PY" -c "import sys; from cowfs import mounting as d; e = d.find_mount(sys.argv[1]); \
 r = e and d.read_registry(e['dev']); sys.exit(0 if r and r.get('store') == sys.argv[2] else 1)" \
                 "$mnt" "$STORE" 2>/dev/null; then
             for pid_file in "$mnt"/*/postmaster.pid; do
