@@ -1,0 +1,172 @@
+"""Content digest of a snapshot: one value over its whole tree, kept in O(changes).
+
+The digest of a point (a snapshot, or a volume head) is
+
+    D = sum over its visible records r of xxh3_128(kind | len(key) | key | payload)  mod 2**128
+
+over every record a read of the point sees: inodes (all attributes), directory
+entries (names), chunk maps (chunk ids) and xattrs. A sum over a *set* is
+order-free and can be updated: when a record changes from `old` to `new`,
+D' = D - h(old) + h(new). So the digest of a point follows from the digest
+of an older point of the same volume plus the keys born in between (the
+``born`` log, as `diff` walks it): O(changes), never O(volume), once one
+older point is known. Consequences:
+
+* a clone nobody has written to has the digest of the snapshot it came
+  from (its reads see the same records), and so has a snapshot of it;
+* a snapshot received from another store has the digest of the one sent
+  (the receiver checks that before it becomes visible, see `receive`);
+* the first digest of a volume without a cached point costs one streamed
+  pass over its records (`catalog.iter_visible`, constant memory).
+
+Digests of snapshots are cached in the ``digests`` sub-database (snapshots
+are immutable); a head's digest is computed on demand from the newest
+snapshot before it. The hash is xxh3-128, as for chunk ids: it detects
+damage and mistakes, not an adversary who can choose colliding content.
+"""
+
+import struct
+from typing import Iterator, Optional
+
+import xxhash
+
+from . import catalog, diff, schema, snapshots, volumes
+
+MODULUS = 1 << 128
+KINDS = (schema.KIND_INODE, schema.KIND_DENTRY, schema.KIND_CHUNK, schema.KIND_XATTR)
+_KEY_LEN = struct.Struct("<H")
+
+
+def record_hash(kind: bytes, record_key: bytes, payload: bytes) -> int:
+    """The element hash of one visible record (its key length makes the encoding unambiguous)."""
+    return xxhash.xxh3_128_intdigest(kind + _KEY_LEN.pack(len(record_key)) + record_key + payload)
+
+
+def to_hex(digest: int) -> str:
+    return digest.to_bytes(16, "big").hex()
+
+
+# --- cache --------------------------------------------------------------------------------------
+
+def cached(txn, env, vol_id: int, gen: int) -> Optional[int]:
+    raw = txn.get(schema.digest_key(vol_id, gen), db=env.digests)
+    if raw is None or raw[:1] != bytes([schema.DIGEST_ALGORITHM]):
+        return None              # absent, or written by another digest algorithm
+    return int.from_bytes(raw[1:17], "big")
+
+
+def store_cached(txn, env, vol_id: int, gen: int, digest: int) -> None:
+    """Cache the digest of a snapshot that still exists (never of a head)."""
+    if txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots) is not None:
+        txn.put(schema.digest_key(vol_id, gen),
+                bytes([schema.DIGEST_ALGORITHM]) + digest.to_bytes(16, "big"), db=env.digests)
+
+
+# --- computing -------------------------------------------------------------------------------------
+
+def _older_snapshot(txn, env, vol_id: int, gen: int) -> Optional[int]:
+    """The newest snapshot of the volume older than gen (named or kept for a clone)."""
+    older = [g for g, _rec in snapshots.snapshots_of(txn, env, vol_id) if g < gen]
+    return older[-1] if older else None
+
+
+def _plan(txn, env, vol_id: int, gen: int, fresh: dict) -> tuple[int, list]:
+    """(starting digest, steps): walk back to a point whose digest is known.
+
+    A step (vol_id, from_point, gen) moves from a known point to (vol_id,
+    gen): from_point is an older snapshot of the same volume, the clone's
+    origin (another volume), or None for the empty tree.
+    """
+    steps = []
+    while True:
+        known = fresh.get((vol_id, gen))
+        if known is None:
+            known = cached(txn, env, vol_id, gen)
+        if known is not None:
+            return known, steps
+        older = _older_snapshot(txn, env, vol_id, gen)
+        if older is not None:
+            steps.append((vol_id, (vol_id, older), gen))
+            gen = older
+            continue
+        record = volumes.volume_record(txn, env, vol_id)
+        if record["parent_vol_id"]:
+            steps.append((vol_id, (record["parent_vol_id"], record["parent_gen"]), gen))
+            vol_id, gen = record["parent_vol_id"], record["parent_gen"]
+            continue
+        steps.append((vol_id, None, gen))
+        return 0, steps
+
+
+def point_digest(txn, env, vol_id: int, gen: int, fresh: Optional[dict] = None) -> int:
+    """Digest of (vol_id as of gen). Digests of snapshots computed on the
+    way are added to `fresh` ({(vol_id, gen): digest}) for the caller to cache."""
+    fresh = {} if fresh is None else fresh
+    digest, steps = _plan(txn, env, vol_id, gen, fresh)
+    for step_vol, from_point, step_gen in reversed(steps):
+        digest = (digest + step_delta(txn, env, step_vol, from_point, step_gen)) % MODULUS
+        fresh[(step_vol, step_gen)] = digest
+    return digest
+
+
+def step_delta(txn, env, vol_id: int, from_point: Optional[tuple[int, int]], gen: int) -> int:
+    """Digest change from `from_point` to (vol_id, gen), in O(records born in between).
+
+    Every key whose value differs between the two points has a version born
+    in the volume between them that the newer point still sees (see `diff`).
+    """
+    new_chain = catalog.volume_chain(txn, env, vol_id, gen)
+    if from_point is None:
+        return sum(record_hash(kind, key, payload) for kind, key, payload
+                   in iter_tree(txn, env, new_chain)) % MODULUS
+    old_chain = catalog.volume_chain(txn, env, *from_point)
+    lo_gen = from_point[1] if from_point[0] == vol_id else 0
+    delta = 0
+    for kind, keys in diff.changed_keys(txn, env, vol_id, lo_gen, gen).items():
+        for key in keys:
+            delta += change_hash(kind, key, catalog.get(txn, env, old_chain, kind, key),
+                                 catalog.get(txn, env, new_chain, kind, key))
+    return delta % MODULUS
+
+
+def change_hash(kind: bytes, key: bytes, old: Optional[bytes], new: Optional[bytes]) -> int:
+    """What one record's change adds to a digest (mod MODULUS by the caller)."""
+    if old == new:
+        return 0
+    return ((record_hash(kind, key, new) if new is not None else 0)
+            - (record_hash(kind, key, old) if old is not None else 0))
+
+
+def iter_tree(txn, env, chain) -> Iterator[tuple[bytes, bytes, bytes]]:
+    """(kind, record_key, payload) of every visible record of a point, kind by kind."""
+    for kind in KINDS:
+        for key, payload in catalog.iter_visible(txn, env, chain, kind):
+            yield kind, key, payload
+
+
+# --- what commands use ----------------------------------------------------------------------------
+
+def snapshot_digests(env, points: list[tuple[int, int]]) -> dict:
+    """{(vol_id, gen): digest} of snapshots; computes what is not cached and caches it.
+
+    Computed in a read transaction, cached in one short write transaction
+    (a snapshot destroyed meanwhile is simply not cached).
+    """
+    fresh: dict = {}
+    out = {}
+    with env.begin() as txn:
+        for vol_id, gen in points:
+            out[(vol_id, gen)] = point_digest(txn, env, vol_id, gen, fresh)
+    if fresh:
+        with env.begin(write=True) as txn:
+            for (vol_id, gen), value in fresh.items():
+                if cached(txn, env, vol_id, gen) is None:
+                    store_cached(txn, env, vol_id, gen, value)
+    return out
+
+
+def head_digest(env, vol_id: int) -> int:
+    """Digest of a volume head now (not cached: the head changes)."""
+    with env.begin() as txn:
+        head_gen = volumes.volume_record(txn, env, vol_id)["head_gen"]
+        return point_digest(txn, env, vol_id, head_gen)
