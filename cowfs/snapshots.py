@@ -272,7 +272,7 @@ def destroy_snapshot(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> 
         return f"snapshot {vol_name}@{snap} removed from the list; its data stays for clone(s) " \
                f"{', '.join(holders)}"
     _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, gen)), batch)
-    txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+    _delete_snapshot_record(txn, env, vol_id, gen)
     _collect_hidden(txn, env, vol_id, batch)
     return f"destroyed snapshot {vol_name}@{snap}"
 
@@ -301,8 +301,14 @@ def destroy_volume(txn, env, vol_id: int, name: str, batch) -> str:
             kept.extend(dependents(txn, env, vol_id, gen))
         else:
             _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, gen)), batch)
-            txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+            _delete_snapshot_record(txn, env, vol_id, gen)
     return f"destroyed volume {name}; the data clone(s) {', '.join(sorted(set(kept)))} need stays"
+
+
+def _delete_snapshot_record(txn, env, vol_id: int, gen: int) -> None:
+    """The snapshot (vol_id, gen) is gone: its record and its cached content digest."""
+    txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+    txn.delete(schema.digest_key(vol_id, gen), db=env.digests)
 
 
 def _forget_lifecycle(txn, env, vol_id: int) -> None:
@@ -316,7 +322,7 @@ def _remove_volume(txn, env, vol_id: int, batch) -> None:
     record = volumes.volume_record(txn, env, vol_id)
     _free(txn, env, vol_id, list(_all_versions(txn, env, vol_id)), batch)
     for gen, snap in snapshots_of(txn, env, vol_id):
-        txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+        _delete_snapshot_record(txn, env, vol_id, gen)
         if snap["name"]:
             txn.delete(schema.snapname_key(vol_id, snap["name"]), db=env.snapnames)
     _delete_prefix(txn, env.orphans, schema.u64(vol_id))
@@ -335,7 +341,7 @@ def _release_parent_snapshot(txn, env, vol_id: int, gen: int, batch) -> None:
         _collect_hidden(txn, env, vol_id, batch)
         return
     _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, gen)), batch)
-    txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+    _delete_snapshot_record(txn, env, vol_id, gen)
     _collect_hidden(txn, env, vol_id, batch)
 
 
