@@ -416,11 +416,16 @@ def _fmt_time(ns: int) -> str:
 
 def listing(store: Store) -> list[dict]:
     """Volumes and their snapshots with origin, time and space figures."""
+    from . import digest
     env = store.env
     rows = []
     with env.begin() as txn:
+        named = [(vol_id, gen) for _name, vol_id in volumes.list_volumes(txn, env)
+                 for gen, snap in snapshots.snapshots_of(txn, env, vol_id) if snap["name"]]
+    digests = digest.snapshot_digests(env, named)      # cached after the first time
+    with env.begin() as txn:
         for name, vol_id in volumes.list_volumes(txn, env):
-            rows.extend(_volume_rows(txn, env, vol_id, name))
+            rows.extend(_volume_rows(txn, env, vol_id, name, digests))
     return rows
 
 
@@ -433,8 +438,9 @@ def _origin(txn, env, record: dict) -> Optional[str]:
     return f"{parent['name']}@{snap_name or '(destroyed)'}"
 
 
-def _volume_rows(txn, env, vol_id: int, name: str) -> list[dict]:
-    from . import catalog
+def _volume_rows(txn, env, vol_id: int, name: str, digests: dict) -> list[dict]:
+    """digests: {(vol_id, gen): content digest} of the snapshots (a head's is not listed: it moves)."""
+    from . import catalog, digest
     record = volumes.volume_record(txn, env, vol_id)
     rows = []
     prev_gen = 0
@@ -450,7 +456,8 @@ def _volume_rows(txn, env, vol_id: int, name: str) -> list[dict]:
                 clones=snapshots.dependents(txn, env, vol_id, gen),
                 auto=bool(snap["flags"] & schema.SNAP_FLAG_AUTO), held=held is not None,
                 hold_reason=None if held is None else held["reason"],
-                held_since=None if held is None else _fmt_time(held["created_ns"])))
+                held_since=None if held is None else _fmt_time(held["created_ns"]),
+                digest=digest.to_hex(digests[(vol_id, gen)]) if (vol_id, gen) in digests else None))
         prev_gen = gen
     head = record["head_gen"]
     rows.insert(0, dict(
@@ -459,7 +466,7 @@ def _volume_rows(txn, env, vol_id: int, name: str) -> list[dict]:
         written_bytes=snapshots.written_bytes(txn, env, vol_id, prev_gen, head),
         unique_bytes=snapshots.bytes_freed(txn, env, list(snapshots._dead_for_point(txn, env, vol_id, head))),
         clones=[], auto=False, held=False, hold_reason=None, held_since=None,
-        policy=_policy_text(txn, env, vol_id)))
+        policy=_policy_text(txn, env, vol_id), digest=None))
     return rows
 
 
@@ -499,3 +506,20 @@ def df(store: Store) -> dict:
                 snapshot_held_bytes=snapshot_held,
                 filesystem=store.packs.space.figures(),
                 dedup_ratio=round(referenced / chunk_bytes, 3) if chunk_bytes else 1.0, items=items)
+
+
+# --- content digests -------------------------------------------------------------------------------
+
+def content_digest(store: Store, target: str) -> dict:
+    """The content digest of a snapshot (cached) or of a volume head now (a mounted one flushed first)."""
+    from . import digest
+    vol, snap = snapshots.parse_target(target)
+    with store.env.begin() as txn:
+        vol_id = volumes.volume_id(txn, store.env, vol)
+        gen = None if snap is None else snapshots.snapshot_gen(txn, store.env, vol_id, vol, snap)
+    if gen is None:
+        flush_if_mounted(store, vol_id)
+        value = digest.head_digest(store.env, vol_id)
+    else:
+        value = digest.snapshot_digests(store.env, [(vol_id, gen)])[(vol_id, gen)]
+    return dict(name=target, digest=digest.to_hex(value))
