@@ -19,3 +19,15 @@ def with_store(args, func):
         return func(store)
     finally:
         store.close()
+
+
+def command_registry():
+    """(COMMANDS, command): a CLI module's handlers by name, and the decorator that adds one."""
+    commands: dict = {}
+
+    def command(name: str):
+        def register(func):
+            commands[name] = func
+            return func
+        return register
+    return commands, command

@@ -10,16 +10,9 @@ import sys
 import time
 
 from . import errors
-from .cli_common import human, with_store
+from .cli_common import command_registry, human, with_store
 
-COMMANDS: dict = {}
-
-
-def _command(name: str):
-    def register(func):
-        COMMANDS[name] = func
-        return func
-    return register
+COMMANDS, _command = command_registry()
 
 
 def add_commands(sub) -> None:
