@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules():
     """CLI modules of other areas; each has add_commands(sub) and COMMANDS."""
-    from . import cli_lifecycle, cli_pg
-    return (cli_lifecycle, cli_pg)
+    from . import cli_lifecycle, cli_pg, cli_transfer
+    return (cli_lifecycle, cli_pg, cli_transfer)
 
 
 def _add_snapshot_commands(sub) -> None:
