@@ -159,11 +159,11 @@ class StreamReader:
             kind, payload = self._next_frame()
             if kind == HEADER:
                 raise StreamError(f"frame {self.frames - 1} is a second header; {AGAIN}")
+            if kind == END and self._in.read(1):        # checked before the end is acted on
+                raise StreamError(f"data follows the end of the stream; give exactly one stream, {AGAIN}")
             yield kind, payload
             if kind == END:
-                break
-        if self._in.read(1):
-            raise StreamError(f"data follows the end of the stream; give exactly one stream, {AGAIN}")
+                return
 
     def _next_frame(self) -> tuple[bytes, bytes]:
         seq = self.frames
