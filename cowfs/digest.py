@@ -25,12 +25,16 @@ snapshot before it. The hash is xxh3-128, as for chunk ids: it detects
 damage and mistakes, not an adversary who can choose colliding content.
 """
 
+import logging
 import struct
 from typing import Iterator, Optional
 
+import lmdb
 import xxhash
 
 from . import catalog, diff, schema, snapshots, volumes
+
+log = logging.getLogger(__name__)
 
 MODULUS = 1 << 128
 KINDS = (schema.KIND_INODE, schema.KIND_DENTRY, schema.KIND_CHUNK, schema.KIND_XATTR)
@@ -150,7 +154,8 @@ def snapshot_digests(env, points: list[tuple[int, int]]) -> dict:
     """{(vol_id, gen): digest} of snapshots; computes what is not cached and caches it.
 
     Computed in a read transaction, cached in one short write transaction
-    (a snapshot destroyed meanwhile is simply not cached).
+    (a snapshot destroyed meanwhile is simply not cached). Caching is best
+    effort: on a full disk `list` must still work, it just computes again.
     """
     fresh: dict = {}
     out = {}
@@ -158,10 +163,13 @@ def snapshot_digests(env, points: list[tuple[int, int]]) -> dict:
         for vol_id, gen in points:
             out[(vol_id, gen)] = point_digest(txn, env, vol_id, gen, fresh)
     if fresh:
-        with env.begin(write=True) as txn:
-            for (vol_id, gen), value in fresh.items():
-                if cached(txn, env, vol_id, gen) is None:
-                    store_cached(txn, env, vol_id, gen, value)
+        try:
+            with env.begin(write=True) as txn:
+                for (vol_id, gen), value in fresh.items():
+                    if cached(txn, env, vol_id, gen) is None:
+                        store_cached(txn, env, vol_id, gen, value)
+        except lmdb.Error as exc:
+            log.info("content digests not cached (%s); computed again next time", exc)
     return out
 
 
