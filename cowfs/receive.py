@@ -113,6 +113,8 @@ def prepare_target(store: Store, header: dict, vol_name: Optional[str]) -> Targe
         target.lock = store.lock_volume(target.vol_id, name, "cowfs receive")
     except BusyError:
         raise BusyError(f"volume {name} is mounted; unmount it before receiving into it") from None
+    # The head is read and written here: once the intent log (issue 14) exists,
+    # the unmounted volume's log is replayed at this point, with the lock held.
     try:
         _check_base(store, target, header, base)
     except BaseException:
