@@ -518,7 +518,7 @@ def content_digest(store: Store, target: str) -> dict:
         vol_id = volumes.volume_id(txn, store.env, vol)
         gen = None if snap is None else snapshots.snapshot_gen(txn, store.env, vol_id, vol, snap)
     if gen is None:
-        flush_if_mounted(store, vol_id)
+        flush_if_mounted(store, vol_id)      # (unmounted: the intent log's replay goes here, issue 14)
         value = digest.head_digest(store.env, vol_id)
     else:
         value = digest.snapshot_digests(store.env, [(vol_id, gen)])[(vol_id, gen)]
