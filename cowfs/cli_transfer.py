@@ -82,6 +82,12 @@ def cmd_send(args) -> int:
     try:
         summary = with_store(args, lambda store: send.send(
             store, args.target, out, args.base, on_bytes=progress.update, on_start=progress.start))
+    except BrokenPipeError:
+        # The reader (a receive that refused the stream, ssh...) went away. No
+        # second error when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise errors.CowfsError("the reader of the stream stopped before its end (see its own "
+                                "error); the stream was not sent whole") from None
     except BaseException:
         if args.output is not None:
             out.close()

@@ -344,3 +344,8 @@ def test_send_refusals_are_one_line(source, workdir):
     assert_one_line_error(cowfs("send", store, "main@nope", "-o", os.path.join(workdir, "x"), check=False),
                           errors.EXIT_NOT_FOUND)
     assert not os.path.exists(os.path.join(workdir, "x")), "a failed send leaves no file"
+    # The reader goes away (a receive that refused the stream): one line, exit 1.
+    piped = subprocess.run(["bash", "-o", "pipefail", "-c",
+                            f"{sys.executable} -m cowfs send {store} main@s1 | head -c 100 > /dev/null"],
+                           cwd=REPO, capture_output=True, text=True)
+    assert_one_line_error(piped, errors.EXIT_FAILURE, "stopped before its end")
