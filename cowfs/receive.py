@@ -92,7 +92,6 @@ def check_header(store: Store, header: dict) -> dict:
 def prepare_target(store: Store, header: dict, vol_name: Optional[str]) -> Target:
     """Refuse what the header alone shows will not fit; lock an existing target volume."""
     name = volumes.check_name(vol_name or header["volume"])
-    snap = header["snapshot"]
     env = store.env
     with env.begin() as txn:
         exists = txn.get(name.encode(), db=env.volnames) is not None
