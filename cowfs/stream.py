@@ -100,8 +100,8 @@ class FrameBuffer:
         self.entries = 0
 
     def add(self, *parts) -> None:
-        self._parts.extend(parts)
-        self._size += sum(len(p) for p in parts)
+        self._parts += parts
+        self._size += sum(map(len, parts))
         self.entries += 1
         if self._size >= self._limit:
             self.flush()
