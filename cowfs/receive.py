@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Optional
 
+import lmdb
+
 from . import catalog, digest, faults, schema, snapshots, volumes
 from .chunks import chunk_id_of
 from .errors import BusyError, CowfsError, ExistsError, NotFoundError, StoreIOError, StreamError, UsageError
@@ -280,17 +282,21 @@ def receive(store: Store, inp: BinaryIO, vol_name: Optional[str] = None,
         on_start(header["estimated_bytes"])
     target = prepare_target(store, header, vol_name)
     staged = StagedChunks.start(store)
-    spool = RecordSpool(store.run_dir)
+    spool = None
     try:
+        spool = RecordSpool(store.run_dir)
         counts = _read_body(frames, reader, staged, spool, header["type"] == "full")
         staged.sync()
         faults.point("receive.synced")
         batch = _commit(store, target, header, staged, spool)
-    except BaseException:
+    except BaseException as exc:
         staged.discard()
+        if isinstance(exc, (OSError, lmdb.Error)):     # the spool in run/, the input, a full disk
+            raise StoreIOError(f"receive failed: {exc}; nothing was received") from exc
         raise
     finally:
-        spool.close()
+        if spool is not None:
+            spool.close()
         target.release()
     faults.point("receive.committed")
     store.chunks.close_writer()
