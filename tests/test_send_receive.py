@@ -281,6 +281,18 @@ def test_receive_killed_at_each_step_is_invisible_or_complete(source, workdir, p
     fsck_clean(dst)
 
 
+@pytest.mark.parametrize("fault", ["pack_write=ENOSPC@2", "pack_sync=EIO@1"])
+def test_receive_that_cannot_store_its_chunks_fails_in_one_line_and_leaves_nothing(source, workdir, fault):
+    dst = new_store(workdir)
+    before = state(dst)
+    result = receive(dst, source["full"], check=False, env=dict(os.environ, **{faults.ENV_VAR: fault}))
+    assert_one_line_error(result, errors.EXIT_IO, "nothing was received")
+    assert state(dst) == before, "appended chunks are given back and the receive's packs removed"
+    fsck_clean(dst)
+    receive(dst, source["full"])
+    fsck_clean(dst)
+
+
 def test_receive_killed_by_sigkill_midway(source, workdir):
     dst = new_store(workdir)
     with open(source["full"], "rb") as f:
