@@ -140,6 +140,17 @@ def test_receive_stores_no_chunk_the_store_already_holds(source, workdir):
     fsck_clean(dst)
 
 
+def test_stream_through_a_pipe_and_a_compressor(source, workdir):
+    dst = new_store(workdir)
+    cowfs_cmd = f"{sys.executable} -m cowfs"
+    piped = subprocess.run(["bash", "-o", "pipefail", "-c",
+                            f"{cowfs_cmd} send {source['store']} main@s1 | gzip -1 | gunzip | "
+                            f"{cowfs_cmd} receive {dst} piped"], cwd=REPO, capture_output=True, text=True)
+    assert piped.returncode == 0, piped.stderr
+    assert digest_of(dst, "piped@s1") == digest_of(source["store"], "main@s1")
+    fsck_clean(dst)
+
+
 # --- damaged streams ---------------------------------------------------------------------------------
 
 def frames(data: bytes) -> list[tuple[int, int]]:
