@@ -16,6 +16,7 @@ import pytest
 
 from cowfs.pg import PgServer, free_port
 from helpers import Mount, cowfs, fsck_clean, tree_snapshot
+from pg_helpers import start_ledger_cluster
 from test_crash import Client, Ledger
 from test_send_receive import digest_of, new_store, receive
 
@@ -45,11 +46,7 @@ def cluster(store, workdir, pg14_bin):
 def test_cluster_sent_in_full_then_incrementally_starts_on_the_receiving_store(cluster, store, workdir, pg14_bin):
     live, started, mounts = cluster
     socket_dir = os.path.join(workdir, "pgrun")
-    live.initdb(data_checksums=True)
-    live.start(free_port(), socket_dir)
-    started.append(live)
-    live.pgbench_init(SCALE)
-    live.psql("CREATE TABLE ledger (n bigint PRIMARY KEY)")
+    start_ledger_cluster(live, socket_dir, started, SCALE)
     live.psql(f"CREATE TABLE static AS SELECT g, md5(g::text) || repeat('x', 200) AS pad "
               f"FROM generate_series(1, {STATIC_MIB * 4000}) g; CHECKPOINT")
 
