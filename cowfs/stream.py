@@ -140,8 +140,13 @@ class StreamReader:
                               f"{STREAM_VERSION}; receive it with the cowfs release that sent it")
 
     def _read(self, size: int, what: str) -> bytes:
-        data = self._in.read(size)
-        got = len(data or b"")
+        data = self._in.read(size) or b""
+        while 0 < len(data) < size:           # a raw pipe or socket may return less before its end
+            more = self._in.read(size - len(data))
+            if not more:
+                break
+            data += more
+        got = len(data)
         self.bytes_read += got
         self._on_bytes(got)
         if got != size:
