@@ -9,8 +9,8 @@ log, O(changes), and the chunks those records name: its size follows the
 change, not the volume. The stream format is `stream`'s; the header says
 what the receiver needs to check (`receive`).
 
-The snapshots sent are share-locked for the duration (a destroy waits for
-the send), and records are read in bounded read transactions, so a long
+The snapshots sent are share-locked for the duration (destroying one is
+refused as busy meanwhile), and records are read in bounded read transactions, so a long
 send neither holds old LMDB pages nor blocks anybody's commits.
 """
 
