@@ -375,6 +375,21 @@ def test_plain_progress_lines_when_not_a_terminal():
     assert quiet.getvalue() == ""
 
 
+def test_a_snapshot_being_sent_cannot_be_destroyed(source):
+    store = source["store"]
+    cowfs("snapshot", store, "main@sending")
+    proc = subprocess.Popen([sys.executable, "-m", "cowfs", "send", store, "main@sending"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.read(8) == b"COWSTRM\x01"     # the send holds its lock; the pipe is full soon
+        assert_one_line_error(cowfs("destroy", store, "main@sending", check=False), errors.EXIT_BUSY)
+    finally:
+        proc.kill()                        # ours: started above
+        proc.wait()
+        proc.stdout.close()
+    cowfs("destroy", store, "main@sending")
+
+
 def test_send_refusals_are_one_line(source, workdir):
     store = source["store"]
     existing = source["full"]
