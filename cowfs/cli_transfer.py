@@ -46,7 +46,9 @@ def add_commands(sub) -> None:
                     "read, every checksum and the content digest matched, and the one commit "
                     "that creates the snapshot is done: a damaged, truncated or interrupted "
                     "receive leaves nothing behind and can simply be run again. Chunks the store "
-                    "already holds are not stored twice.",
+                    "already holds are not stored twice. Exit codes: 8 damaged or truncated stream "
+                    "(send it again), 4 received already, 3 base snapshot missing, 5 volume "
+                    "mounted, 1 volume changed since the base or base of other content.",
         epilog="Examples: ssh live cowfs send /srv/cowfs live@mon | cowfs receive /srv/cowfs;  "
                "cowfs receive /srv/cowfs live-copy --input /backup/live-mon.cows")
     p.add_argument("store", metavar="STORE")
