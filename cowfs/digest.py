@@ -74,7 +74,7 @@ def _older_snapshot(txn, env, vol_id: int, gen: int) -> Optional[int]:
     return older[-1] if older else None
 
 
-def _plan(txn, env, vol_id: int, gen: int, fresh: dict) -> tuple[int, list]:
+def _plan(txn, env, vol_id: int, gen: int, fresh: dict, use_cache: bool = True) -> tuple[int, list]:
     """(starting digest, steps): walk back to a point whose digest is known.
 
     A step (vol_id, from_point, gen) moves from a known point to (vol_id,
@@ -84,7 +84,7 @@ def _plan(txn, env, vol_id: int, gen: int, fresh: dict) -> tuple[int, list]:
     steps = []
     while True:
         known = fresh.get((vol_id, gen))
-        if known is None:
+        if known is None and use_cache:
             known = cached(txn, env, vol_id, gen)
         if known is not None:
             return known, steps
@@ -102,11 +102,13 @@ def _plan(txn, env, vol_id: int, gen: int, fresh: dict) -> tuple[int, list]:
         return 0, steps
 
 
-def point_digest(txn, env, vol_id: int, gen: int, fresh: Optional[dict] = None) -> int:
+def point_digest(txn, env, vol_id: int, gen: int, fresh: Optional[dict] = None,
+                 use_cache: bool = True) -> int:
     """Digest of (vol_id as of gen). Digests of snapshots computed on the
-    way are added to `fresh` ({(vol_id, gen): digest}) for the caller to cache."""
+    way are added to `fresh` ({(vol_id, gen): digest}) for the caller to cache.
+    Without `use_cache` nothing cached is trusted (fsck checks the cache so)."""
     fresh = {} if fresh is None else fresh
-    digest, steps = _plan(txn, env, vol_id, gen, fresh)
+    digest, steps = _plan(txn, env, vol_id, gen, fresh, use_cache)
     for step_vol, from_point, step_gen in reversed(steps):
         digest = (digest + step_delta(txn, env, step_vol, from_point, step_gen)) % MODULUS
         fresh[(step_vol, step_gen)] = digest

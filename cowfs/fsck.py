@@ -37,6 +37,7 @@ def check(store: Store, verify_data: bool = False) -> Report:
         _name_damaged_users(txn, env, report)
         _check_snapshots(txn, env, vols, report)
         _check_holds_and_policies(txn, env, vols, report)
+        _check_digests(txn, env, verify_data, report)
         for vol_id, record in vols.items():
             try:
                 _check_tree(txn, env, vol_id, record, report)
@@ -106,6 +107,24 @@ def _check_holds_and_policies(txn, env, vols: dict, report: Report) -> None:
         vol_id = schema.read_u64(bytes(key))
         if vol_id not in vols:
             report.add(f"snapshot policy of missing volume id {vol_id}")
+
+
+def _check_digests(txn, env, recompute: bool, report: Report) -> None:
+    """A cached content digest names an existing snapshot; with --verify-data it is recomputed
+    from the records, trusting no cached value (each volume's history is walked once)."""
+    from . import digest
+    fresh: dict = {}
+    for key, _raw in txn.cursor(db=env.digests):
+        vol_id, gen = schema.read_u64(bytes(key)), schema.read_u64(bytes(key), 8)
+        if txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots) is None:
+            report.add(f"cached content digest of generation {gen} of volume id {vol_id} names no snapshot")
+            continue
+        report.counts["cached digests"] += 1
+        if recompute:
+            expected = digest.point_digest(txn, env, vol_id, gen, fresh, use_cache=False)
+            if digest.cached(txn, env, vol_id, gen) != expected:
+                report.add(f"cached content digest of generation {gen} of volume id {vol_id} is wrong "
+                           f"(the records give {digest.to_hex(expected)}); delete it and it is computed again")
 
 
 # --- records ------------------------------------------------------------------------------
