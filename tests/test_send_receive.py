@@ -270,6 +270,7 @@ def test_store_of_another_chunk_size_is_refused(source, workdir):
     assert_one_line_error(receive(dst, source["full"], check=False), errors.EXIT_USAGE,
                           "--chunk-size 8192")
     assert state(dst) == before
+    fsck_clean(dst)
 
 
 # --- interrupted receives ----------------------------------------------------------------------------
