@@ -118,21 +118,47 @@ def point_digest(txn, env, vol_id: int, gen: int, fresh: Optional[dict] = None,
 def step_delta(txn, env, vol_id: int, from_point: Optional[tuple[int, int]], gen: int) -> int:
     """Digest change from `from_point` to (vol_id, gen), in O(records born in between).
 
-    Every key whose value differs between the two points has a version born
-    in the volume between them that the newer point still sees (see `diff`).
+    `from_point` is None (the empty tree) or a point on the chain of (vol_id,
+    gen): an older point of the volume, or of an ancestor it was cloned from.
     """
     new_chain = catalog.volume_chain(txn, env, vol_id, gen)
     if from_point is None:
         return sum(record_hash(kind, key, payload) for kind, key, payload
                    in iter_tree(txn, env, new_chain)) % MODULUS
     old_chain = catalog.volume_chain(txn, env, *from_point)
-    lo_gen = from_point[1] if from_point[0] == vol_id else 0
     delta = 0
-    for kind, keys in diff.changed_keys(txn, env, vol_id, lo_gen, gen).items():
+    for kind, keys in changed_since(txn, env, new_chain, *from_point).items():
         for key in keys:
             delta += change_hash(kind, key, catalog.get(txn, env, old_chain, kind, key),
                                  catalog.get(txn, env, new_chain, kind, key))
     return delta % MODULUS
+
+
+def on_chain(chain, base_vol_id: int, base_gen: int) -> bool:
+    """Is (base_vol_id, base_gen) an older point on this chain (same volume or an ancestor)?"""
+    for depth, (vol_id, max_gen) in enumerate(chain):
+        if vol_id == base_vol_id:
+            return base_gen < max_gen or (depth > 0 and base_gen == max_gen)
+    return False
+
+
+def changed_since(txn, env, chain, base_vol_id: int, base_gen: int) -> dict:
+    """Keys per kind that may differ between the point of `chain` and the
+    older point (base_vol_id, base_gen) on it: O(records born in between).
+
+    Every key whose value differs has a version the newer point still sees,
+    born either in a chain level above the base's volume (any generation up
+    to that level's) or in the base's volume after base_gen (see `diff`).
+    The levels below the base's volume are the same for both points.
+    """
+    keys: dict = {}
+    for vol_id, max_gen in chain:
+        lo_gen = base_gen if vol_id == base_vol_id else 0
+        for kind, found in diff.changed_keys(txn, env, vol_id, lo_gen, max_gen).items():
+            keys.setdefault(kind, set()).update(found)
+        if vol_id == base_vol_id:
+            return keys
+    raise ValueError(f"point ({base_vol_id}, {base_gen}) is not on the chain {chain}")
 
 
 def change_hash(kind: bytes, key: bytes, old: Optional[bytes], new: Optional[bytes]) -> int:
