@@ -3,9 +3,10 @@
 A full stream carries every record a read of the snapshot sees (inodes,
 directory entries, chunk maps, xattrs: the whole tree through its clone
 chain) and each chunk they name, once. An incremental stream (`--from`
-an older snapshot of the same volume) carries only the records whose value
-differs between the two points, found like `diff` does through the ``born``
-log, O(changes), and the chunks those records name: its size follows the
+an older snapshot of the same volume, or of the volume it was cloned from)
+carries only the records whose value differs between the two points, found
+like `diff` does through the ``born`` log, O(changes), and the chunks those
+records name: its size follows the
 change, not the volume. The stream format is `stream`'s; the header says
 what the receiver needs to check (`receive`).
 
@@ -21,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Optional
 
-from . import catalog, diff, digest, schema, snapshots, volumes
+from . import catalog, digest, schema, snapshots, volumes
 from .errors import ChunkDamagedError, StoreIOError, UsageError
 from .store import Store
 from .stream import (CHUNK_FRAME_BYTES, CHUNKS, END, HEADER, OP_DELETE, OP_PUT, RECORD_FRAME_BYTES,
@@ -54,12 +55,15 @@ def resolve(store: Store, target: str, what: str = "snapshot to send") -> Snapsh
 
 
 def resolve_base(store: Store, snap: Snapshot, base_text: str) -> Snapshot:
+    """An older snapshot of the same volume, or of a volume it was cloned from (at or before
+    the clone's origin): then the receiver makes the clone from its copy of that snapshot."""
     base = resolve(store, base_text, "base (--from)")
-    if base.vol_id != snap.vol_id:
-        raise UsageError(f"--from must be an older snapshot of volume {snap.vol_name}, not of "
-                         f"{base.vol_name}; send {snap.label} in full instead")
-    if base.gen >= snap.gen:
-        raise UsageError(f"--from {base.label} is not older than {snap.label}; swap them")
+    with store.env.begin() as txn:
+        chain = catalog.volume_chain(txn, store.env, snap.vol_id, snap.gen)
+    if not digest.on_chain(chain, base.vol_id, base.gen):
+        raise UsageError(f"--from {base.label} is not an older point of {snap.label} (give an older "
+                         f"snapshot of {snap.vol_name} or of the volume it was cloned from), or "
+                         f"send {snap.label} in full")
     return base
 
 
@@ -102,8 +106,10 @@ def make_header(store: Store, snap: Snapshot, base: Optional[Snapshot]) -> dict:
         record = volumes.volume_record(txn, env, snap.vol_id)
         snap_record = schema.unpack_snapshot(txn.get(schema.snapshot_key(snap.vol_id, snap.gen),
                                                      db=env.snapshots))
-        if base:
+        if base and base.vol_id == snap.vol_id:
             estimated = snapshots.written_bytes(txn, env, snap.vol_id, base.gen, snap.gen)
+        elif base:          # a clone against its origin: what the clone wrote
+            estimated = snapshots.written_bytes(txn, env, snap.vol_id, 0, snap.gen)
         else:
             estimated = snapshots.logical_bytes(txn, env, catalog.volume_chain(txn, env, snap.vol_id, snap.gen))
         store_uuid = bytes(txn.get(b"store_uuid", db=env.meta) or b"").hex()
@@ -112,7 +118,7 @@ def make_header(store: Store, snap: Snapshot, base: Optional[Snapshot]) -> dict:
         volume=snap.vol_name, snapshot=snap.name, created_ns=snap_record["created_ns"],
         digest=digest.to_hex(digests[(snap.vol_id, snap.gen)]),
         base=None if base is None else dict(
-            snapshot=base.name, digest=digest.to_hex(digests[(base.vol_id, base.gen)])),
+            volume=base.vol_name, snapshot=base.name, digest=digest.to_hex(digests[(base.vol_id, base.gen)])),
         chunk_size=store.chunk_size, next_ino=record["next_ino"], source_store=store_uuid,
         estimated_bytes=estimated)
 
@@ -144,7 +150,7 @@ def _changed_records(store: Store, snap: Snapshot, base: Snapshot) -> Iterator[t
     with env.begin() as txn:
         new_chain = catalog.volume_chain(txn, env, snap.vol_id, snap.gen)
         old_chain = catalog.volume_chain(txn, env, base.vol_id, base.gen)
-        keys = diff.changed_keys(txn, env, snap.vol_id, base.gen, snap.gen)
+        keys = digest.changed_since(txn, env, new_chain, base.vol_id, base.gen)
         for kind in digest.KINDS:
             for key in sorted(keys.get(kind, ())):
                 new = catalog.get(txn, env, new_chain, kind, key)
