@@ -53,16 +53,20 @@ _SPOOL_LENGTH = struct.Struct("<I")
 
 @dataclass
 class Target:
-    """Where the stream goes: a new volume (vol_id None) or the head of one holding the base."""
+    """Where the stream goes: a new volume, a new clone of the base snapshot, or the head of
+    an existing volume holding the base (vol_id set)."""
     name: str
     vol_id: Optional[int] = None
-    base_gen: Optional[int] = None
-    lock: object = None
+    base: Optional[tuple[int, int]] = None      # (vol_id, gen) of the base snapshot here
+    locks: list = field(default_factory=list)
+
+    @property
+    def is_new_clone(self) -> bool:
+        return self.vol_id is None and self.base is not None
 
     def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        while self.locks:
+            self.locks.pop().release()
 
 
 # --- the header --------------------------------------------------------------------------------
@@ -84,6 +88,9 @@ def check_header(store: Store, header: dict) -> dict:
     volumes.check_name(header["snapshot"], "snapshot")
     if base is not None:
         volumes.check_name(str(base.get("snapshot")), "snapshot")
+        volumes.check_name(str(base.get("volume")))
+        if not isinstance(base.get("digest"), str):
+            raise StreamError(f"the stream's header lacks its base's digest; {AGAIN}")
     if header["chunk_size"] != store.chunk_size:
         raise UsageError(f"the stream has chunk size {header['chunk_size']}, store {store.path} has "
                          f"{store.chunk_size}; receive it into a store made with "
@@ -92,61 +99,83 @@ def check_header(store: Store, header: dict) -> dict:
 
 
 def prepare_target(store: Store, header: dict, vol_name: Optional[str]) -> Target:
-    """Refuse what the header alone shows will not fit; lock an existing target volume."""
-    name = volumes.check_name(vol_name or header["volume"])
-    env = store.env
-    with env.begin() as txn:
-        exists = txn.get(name.encode(), db=env.volnames) is not None
+    """Refuse what the header alone shows will not fit; lock what the receive relies on."""
+    target = Target(volumes.check_name(vol_name or header["volume"]))
+    with store.env.begin() as txn:
+        exists = txn.get(target.name.encode(), db=store.env.volnames) is not None
     if header["type"] == "full":
         if exists:
-            raise ExistsError(f"volume {name} already exists; a full stream makes a new volume: give "
-                              f"another name ('cowfs receive STORE NEWNAME'), or send incrementally "
-                              f"from a snapshot {name} has (--from)")
-        return Target(name)
-    base = header["base"]["snapshot"]
-    if not exists:
-        raise NotFoundError(f"volume {name} does not exist here, and this incremental stream needs "
-                            f"{name}@{base}: receive the full stream of {header['volume']}@{base} first")
-    target = Target(name)
-    with env.begin() as txn:
-        target.vol_id = volumes.volume_id(txn, env, name)
+            raise ExistsError(f"volume {target.name} already exists; a full stream makes a new volume: "
+                              f"give another name ('cowfs receive STORE NEWNAME'), or send incrementally "
+                              f"from a snapshot {target.name} has (--from)")
+        return target
     try:
-        target.lock = store.lock_volume(target.vol_id, name, "cowfs receive")
-    except BusyError:
-        raise BusyError(f"volume {name} is mounted; unmount it before receiving into it") from None
-    # The head is read and written here: once the intent log (issue 14) exists,
-    # the unmounted volume's log is replayed at this point, with the lock held.
-    try:
-        _check_base(store, target, header, base)
+        if exists:
+            _into_existing(store, target, header)
+        else:
+            _into_new_clone(store, target, header)
+        vol_id, gen = target.base
+        target.locks.append(store.lock_snapshot(vol_id, gen, "the base", exclusive=False,
+                                                holder="cowfs receive"))
     except BaseException:
         target.release()
         raise
     return target
 
 
-def _check_base(store: Store, target: Target, header: dict, base: str) -> None:
+def _into_existing(store: Store, target: Target, header: dict) -> None:
+    """The volume holds the base, is not mounted, still reads as the base: its head takes the stream."""
     env, name, snap = store.env, target.name, header["snapshot"]
+    with env.begin() as txn:
+        target.vol_id = volumes.volume_id(txn, env, name)
+    try:
+        target.locks.append(store.lock_volume(target.vol_id, name, "cowfs receive"))
+    except BusyError:
+        raise BusyError(f"volume {name} is mounted; unmount it before receiving into it") from None
+    # The head is read and written here: once the intent log (issue 14) exists,
+    # the unmounted volume's log is replayed at this point, with the lock held.
     with env.begin() as txn:
         if txn.get(schema.snapname_key(target.vol_id, snap), db=env.snapnames) is not None:
             raise ExistsError(f"volume {name} already has a snapshot {snap!r}: this stream was "
                               "received already (destroy the snapshot to receive it again)")
-        raw = txn.get(schema.snapname_key(target.vol_id, base), db=env.snapnames)
-        if raw is None:
-            raise NotFoundError(f"volume {name} has no snapshot {base!r}, the base of this incremental "
-                                f"stream; receive a full stream of {header['volume']}@{base} first")
-        target.base_gen = schema.read_u64(raw)
         head_gen = volumes.volume_record(txn, env, target.vol_id)["head_gen"]
-    points = digest.snapshot_digests(env, [(target.vol_id, target.base_gen)])
-    here = digest.to_hex(points[(target.vol_id, target.base_gen)])
-    if here != header["base"]["digest"]:
-        raise CowfsError(f"{name}@{base} here is not the sender's {header['volume']}@{base} (digest "
-                         f"{here}, the stream expects {header['base']['digest']}); receive a full "
-                         "stream into a new volume instead")
+    target.base = _base_here(store, target.vol_id, name, header)
+    base = header["base"]["snapshot"]
     with env.begin() as txn:
-        changed = digest.step_delta(txn, env, target.vol_id, (target.vol_id, target.base_gen), head_gen)
+        changed = digest.step_delta(txn, env, target.vol_id, target.base, head_gen)
     if changed:
         raise CowfsError(f"volume {name} changed since @{base}; return it there with 'cowfs rollback "
-                         f"STORE {name}@{base}' (undoable), or receive a full stream into a new volume")
+                         f"STORE {name}@{base}' (undoable), or receive into a new volume "
+                         f"('cowfs receive STORE NEWNAME': a clone of {name}@{base} plus the stream)")
+
+
+def _into_new_clone(store: Store, target: Target, header: dict) -> None:
+    """A new volume: a clone of the base snapshot here (O(1)), whose head takes the stream."""
+    base_volume = header["base"]["volume"]
+    with store.env.begin() as txn:
+        found = txn.get(base_volume.encode(), db=store.env.volnames)
+    if found is None:
+        raise NotFoundError(f"this incremental stream needs {base_volume}@{header['base']['snapshot']}, "
+                            f"and there is no volume {base_volume} here: receive the full stream of "
+                            f"{base_volume}@{header['base']['snapshot']} first")
+    target.base = _base_here(store, schema.read_u64(found), base_volume, header)
+
+
+def _base_here(store: Store, vol_id: int, vol_name: str, header: dict) -> tuple[int, int]:
+    """(vol_id, gen) of the stream's base in volume vol_name, checked against its digest."""
+    base, expected = header["base"]["snapshot"], header["base"]["digest"]
+    with store.env.begin() as txn:
+        raw = txn.get(schema.snapname_key(vol_id, base), db=store.env.snapnames)
+    if raw is None:
+        raise NotFoundError(f"volume {vol_name} has no snapshot {base!r}, the base of this incremental "
+                            f"stream; receive a full stream of {header['base']['volume']}@{base} first")
+    point = (vol_id, schema.read_u64(raw))
+    here = digest.to_hex(digest.snapshot_digests(store.env, [point])[point])
+    if here != expected:
+        raise CowfsError(f"{vol_name}@{base} here is not the sender's {header['base']['volume']}@{base} "
+                         f"(digest {here}, the stream expects {expected}); receive a full stream into "
+                         "a new volume instead")
+    return point
 
 
 # --- staging ---------------------------------------------------------------------------------------
@@ -303,7 +332,8 @@ def receive(store: Store, inp: BinaryIO, vol_name: Optional[str] = None,
     store.chunks.reclaim(batch.freed_locations)     # versions an incremental displaced at the head
     stored = list(staged.located.values())
     return dict(volume=target.name, snapshot=f"{target.name}@{header['snapshot']}",
-                base=header["base"]["snapshot"] if header["base"] else None, type=header["type"],
+                base=f"{header['base']['volume']}@{header['base']['snapshot']}" if header["base"] else None,
+                type=header["type"],
                 digest=header["digest"], stream_bytes=reader.bytes_read, records=counts["records"],
                 chunks=counts["chunks"], chunks_stored=len(stored),
                 stored_bytes=sum(length for _p, _o, length in stored),
@@ -340,17 +370,18 @@ def _commit(store: Store, target: Target, header: dict, staged: StagedChunks, sp
     env = store.env
     batch = store.chunks.batch()
     with env.begin(write=True) as txn:
-        vol_id = target.vol_id if target.vol_id is not None else _new_volume(txn, env, target.name)
+        vol_id = _volume(txn, env, target)
         chain = catalog.volume_chain(txn, env, vol_id)
         for op, kind, key, value in spool:
             _apply_record(txn, env, chain, vol_id, batch, op, kind, key, value)
+        if target.is_new_clone:
+            _record_orphans(txn, env, chain, vol_id)
         _index_new_chunks(txn, env, staged, spool.referenced)
         batch.apply(txn)
         _raise_next_ino(txn, env, vol_id, header["next_ino"])
         gen = snapshots.take(txn, env, vol_id, header["snapshot"], created_ns=header["created_ns"])
-        base_point = None if target.base_gen is None else (vol_id, target.base_gen)
-        base_digest = 0 if base_point is None else digest.point_digest(txn, env, *base_point)
-        got = (base_digest + digest.step_delta(txn, env, vol_id, base_point, gen)) % digest.MODULUS
+        base_digest = 0 if target.base is None else digest.point_digest(txn, env, *target.base)
+        got = (base_digest + digest.step_delta(txn, env, vol_id, target.base, gen)) % digest.MODULUS
         if digest.to_hex(got) != header["digest"]:
             raise CowfsError(f"the received tree has digest {digest.to_hex(got)}, the sender's has "
                              f"{header['digest']}; nothing was kept (damaged metadata on either side? "
@@ -358,6 +389,24 @@ def _commit(store: Store, target: Target, header: dict, staged: StagedChunks, sp
         digest.store_cached(txn, env, vol_id, gen, got)
         faults.point("receive.committing")
     return batch
+
+
+def _volume(txn, env, target: Target) -> int:
+    """The volume that takes the records: existing, or made now (invisible until the commit)."""
+    if target.vol_id is not None:
+        return target.vol_id
+    if target.is_new_clone:
+        return snapshots.clone(txn, env, *target.base, target.name)
+    return _new_volume(txn, env, target.name)
+
+
+def _record_orphans(txn, env, chain, vol_id: int) -> None:
+    """A new clone sees the base's inodes without a name (unlinked while open at the sender)
+    that the stream did not touch: orphans of the clone too, freed by its first mount."""
+    for key, payload in catalog.iter_visible(txn, env, chain, schema.KIND_INODE):
+        ino = schema.read_u64(key)
+        if ino != schema.ROOT_INO and schema.unpack_inode(payload)[0]["nlink"] == 0:
+            txn.put(schema.orphan_key(vol_id, ino), b"", db=env.orphans)
 
 
 def _new_volume(txn, env, name: str) -> int:
