@@ -21,8 +21,9 @@ def add_commands(sub) -> None:
         "send", help="write snapshot VOL@SNAP (or what changed since --from) as a stream",
         description="Write a stream of snapshot VOL@SNAP to stdout or --output FILE, for "
                     "'cowfs receive' on another store (through ssh, a compressor, a file). With "
-                    "--from VOL@BASE, an older snapshot of the same volume that the receiver "
-                    "already has, only what changed in between is sent: the stream's size follows "
+                    "--from VOL@BASE, an older snapshot that the receiver already has (of the same "
+                    "volume, or of the volume it was cloned from), only what changed in between is "
+                    "sent: the stream's size follows "
                     "the change, not the volume. Every part of the stream is checksummed and it "
                     "carries the snapshot's content digest, which the receiver checks. The "
                     "snapshots are protected from destroy while they are sent. Progress goes to "
@@ -32,17 +33,19 @@ def add_commands(sub) -> None:
     p.add_argument("store", metavar="STORE")
     p.add_argument("target", metavar="VOL@SNAP", help="the snapshot to send")
     p.add_argument("--from", dest="base", metavar="VOL@BASE",
-                   help="send only the changes since this older snapshot of the same volume")
+                   help="send only the changes since this older snapshot (same volume, or its origin's)")
     p.add_argument("--output", "-o", metavar="FILE", help="write the stream to FILE (must not exist)")
     p.add_argument("--json", action="store_true", help="summary as JSON, and no progress")
 
     p = sub.add_parser(
         "receive", help="create a snapshot (and its volume if new) from a 'cowfs send' stream",
         description="Read a stream of 'cowfs send' from stdin or --input FILE. A full stream "
-                    "creates volume VOL (default: the sender's volume name) holding the snapshot; "
-                    "an incremental one adds the snapshot to VOL, which must hold the base "
+                    "creates volume VOL (default: the sender's volume name) holding the snapshot. "
+                    "An incremental one adds the snapshot to VOL, which must hold the base "
                     "snapshot, not be mounted, and not have changed since the base (its head "
-                    "becomes the new snapshot). Nothing is visible until the whole stream was "
+                    "becomes the new snapshot); if VOL does not exist, it is made a clone of the "
+                    "base snapshot here (sender's volume name, same digest) and takes the "
+                    "changes. Nothing is visible until the whole stream was "
                     "read, every checksum and the content digest matched, and the one commit "
                     "that creates the snapshot is done: a damaged, truncated or interrupted "
                     "receive leaves nothing behind and can simply be run again. Chunks the store "
@@ -132,7 +135,7 @@ def cmd_receive(args) -> int:
         if args.input is not None:
             inp.close()
     _summary(args, summary, sys.stdout, f"received {summary['snapshot']}"
-             + (f" (changes since @{summary['base']})" if summary["base"] else " (new volume)"))
+             + (f" (changes since {summary['base']})" if summary["base"] else " (new volume)"))
     return 0
 
 
