@@ -104,7 +104,7 @@ def test_full_then_incremental_gives_the_same_trees_and_digests(source, workdir)
     assert full["snapshot"] == "main@s1" and full["type"] == "full"
     assert full["chunks_stored"] == full["chunks"] > BIG_FILE_BYTES // 8192
     inc = json.loads(receive(dst, source["inc"], "--json").stdout)
-    assert inc["base"] == "s1" and inc["records"] < 20 and inc["chunks"] <= 4
+    assert inc["base"] == "main@s1" and inc["records"] < 20 and inc["chunks"] <= 4
     for snap in ("main@s1", "main@s2"):
         assert digest_of(dst, snap) == digest_of(source["store"], snap) == listing(dst)[snap]["digest"]
     assert digest_of(dst, "main@s1") != digest_of(dst, "main@s2")
@@ -264,6 +264,41 @@ def test_incremental_needs_the_head_at_its_base_and_the_volume_unmounted(source,
     fsck_clean(dst)
 
 
+def test_incremental_into_a_new_volume_clones_the_base(source, workdir):
+    dst = new_store(workdir)
+    receive(dst, source["full"])
+    receive(dst, source["inc"], "branch")          # no volume 'branch': a clone of main@s1 + the stream
+    assert listing(dst)["branch"]["origin"] == "main@s1"
+    assert digest_of(dst, "branch@s2") == digest_of(source["store"], "main@s2")
+    assert "main@s2" not in listing(dst)
+    fsck_clean(dst)
+
+
+def test_clone_sent_incrementally_against_its_origin(source, workdir):
+    """After a cutover the serving volume is a clone: its snapshots go as changes since the origin."""
+    store = source["store"]
+    cowfs("clone", store, "main@s1", "served")
+    mount = Mount(store, os.path.join(workdir, "m"), "served").mount()
+    try:
+        with open(f"{mount.path}/base/16384/same", "r+b") as f:
+            f.write(b"changed on the clone")
+    finally:
+        mount.close()
+    cowfs("snapshot", store, "served@c1")
+    stream = os.path.join(workdir, "c1.cows")
+    sent = json.loads(cowfs("send", store, "served@c1", "--from", "main@s1", "-o", stream, "--json").stdout)
+    assert sent["chunks"] == 1 and os.path.getsize(stream) < 50_000
+    dst = new_store(workdir)
+    receive(dst, source["full"])
+    receive(dst, stream)
+    assert listing(dst)["served"]["origin"] == "main@s1"
+    assert digest_of(dst, "served@c1") == digest_of(store, "served@c1")
+    fsck_clean(dst)
+    assert_one_line_error(cowfs("send", store, "main@s2", "--from", "served@c1", check=False),
+                          errors.EXIT_USAGE, "not an older point")
+    cowfs("destroy", store, "served")
+
+
 def test_store_of_another_chunk_size_is_refused(source, workdir):
     dst = new_store(workdir, "dst16", "--chunk-size", "16K")
     before = state(dst)
@@ -396,7 +431,7 @@ def test_send_refusals_are_one_line(source, workdir):
     existing = source["full"]
     assert_one_line_error(cowfs("send", store, "main", check=False), errors.EXIT_USAGE, "VOLUME@SNAPSHOT")
     assert_one_line_error(cowfs("send", store, "main@s1", "--from", "main@s2", check=False),
-                          errors.EXIT_USAGE, "not older")
+                          errors.EXIT_USAGE, "not an older point")
     assert_one_line_error(cowfs("send", store, "main@s1", "-o", existing, check=False), errors.EXIT_EXISTS)
     assert_one_line_error(cowfs("send", store, "main@nope", "-o", os.path.join(workdir, "x"), check=False),
                           errors.EXIT_NOT_FOUND)
