@@ -16,7 +16,7 @@ wrote between the two snapshots is measured from the server's LSNs.
 
     .venv/bin/python bench/send_bench.py [--scale 20] [--load-s 30] [--rounds 3] [--dir /var/tmp]
 
-Writes bench/results/send-<date>.json and .md.
+Writes bench/results/send-<date>.json and .md (--stem to name them otherwise).
 """
 
 import argparse
@@ -123,6 +123,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", default="/var/tmp", help="where the stores go (the disk measured)")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+    parser.add_argument("--stem", default=f"send-{time.strftime('%Y%m%d', time.gmtime())}",
+                        help="file names of the results (STEM.json, STEM.md)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="cowfs-send-bench-", dir=args.dir)
     os.chmod(work, 0o755)
@@ -138,7 +140,7 @@ def main() -> int:
                   load_avg=os.getloadavg(), **wal, **speed, **sizes)
     report["incremental_per_wal_byte"] = round(sizes["incremental_stream_bytes"] / wal["wal_bytes"], 3)
     report["incremental_per_full"] = round(sizes["incremental_stream_bytes"] / sizes["full_stream_bytes"], 4)
-    stem = os.path.join(args.out, f"send-{time.strftime('%Y%m%d', time.gmtime())}")
+    stem = os.path.join(args.out, args.stem)
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1)
     with open(stem + ".md", "w") as f:
