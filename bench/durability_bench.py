@@ -154,7 +154,7 @@ def start_measured(h: Harness, data_dir: str, cfg: Config, side: Side, extra: di
     server = PgServer(h.pg_bin, data_dir)
     extra[f"{prefix}_caches_dropped"] = drop_caches()
     observed: dict = {}
-    with h.observe(side, observed):
+    with h.observe(side, observed, profile_key="clone_ready" if side.kind == "cowfs" else None):
         seconds = timed(h.start, server, settings(cfg))
     extra.update({f"{prefix}_{k}": v for k, v in {**redo_from_log(server.log_path), **observed}.items()})
     h.stop(server)

@@ -108,6 +108,10 @@ def proc_cpu_s(pid: int) -> Optional[float]:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# Extra `cowfs mount` arguments for every mount of a run (suite.py --mount-arg).
+MOUNT_ARGS: list = []
+
+
 @dataclass
 class Mount:
     """One mounted volume of a store (the daemon is ours: we started it)."""
@@ -119,7 +123,8 @@ class Mount:
 
     def mount(self) -> "Mount":
         os.makedirs(self.path, exist_ok=True)
-        cowfs_cli("mount", self.store, self.path, "--volume", self.volume)
+        extra = MOUNT_ARGS if "@" not in self.volume else []
+        cowfs_cli("mount", self.store, self.path, "--volume", self.volume, *extra)
         entry = daemon.find_mount(os.path.abspath(self.path))
         info = daemon.read_registry(entry["dev"]) if entry else None
         if not info:

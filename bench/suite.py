@@ -43,6 +43,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import durability_bench  # noqa: E402
+import harness  # noqa: E402
 import report  # noqa: E402
 import workloads  # noqa: E402
 from harness import REPO, Harness, log  # noqa: E402
@@ -68,6 +69,9 @@ def parse_args(argv):
                         "each workload (slows those runs)")
     parser.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
                         help="PostgreSQL setting for every server (repeatable), e.g. wal_init_zero=off")
+    parser.add_argument("--mount-arg", action="append", default=[], metavar="ARG",
+                        help="extra 'cowfs mount' argument for every read-write mount (repeatable), "
+                             "e.g. --mount-arg=--no-xattrs or --mount-arg=--log-size=0")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--stem", help="file name stem (default suite-<UTC date>)")
     return parser.parse_args(argv)
@@ -98,6 +102,7 @@ def main(argv=None) -> int:
         cfg.rounds = args.rounds
     groups = resolve(args.only)
     cfg.pg_settings = tuple(args.pg_setting)
+    harness.MOUNT_ARGS[:] = args.mount_arg
     if os.geteuid() != 0:
         log("not root: caches cannot be dropped and PostgreSQL cannot switch users; expect failures")
     signal.signal(signal.SIGTERM, _sigterm)
@@ -132,6 +137,7 @@ def main(argv=None) -> int:
     result = build_result(args, cfg, groups, metrics, extras, errors, h, started, interrupted)
     result["notes"]["load_average"] = dict(start=[round(x, 2) for x in load_start],
                                            end=[round(x, 2) for x in os.getloadavg()])
+    result["notes"]["mount_args"] = args.mount_arg
     paths = report.write_outputs(result, args.out, stem)
     print(report.markdown(result))
     log("results: " + ", ".join(paths))

@@ -402,7 +402,7 @@ def bench_clone_load(h: Harness, cfg: Config) -> list:
 
 def bench_snapshots24(h: Harness, cfg: Config) -> list:
     """Stored bytes per snapshot under TPC-B load, against the WAL written meanwhile."""
-    from cowfs import admin
+    from cowfs import admin, reports
     from cowfs.store import Store
     side = h.cowfs_side("cowfs-snaps")
     cluster, _ = loaded_cluster(h, side, cfg)
@@ -410,7 +410,7 @@ def bench_snapshots24(h: Harness, cfg: Config) -> list:
     store = Store.open(side.store)
     try:
         admin.snapshot(store, "main@before")              # flushes everything buffered
-        df0, disk0, lsn0 = admin.df(store), disk_bytes(side.store), wal_lsn(server)
+        df0, disk0, lsn0 = reports.df(store), disk_bytes(side.store), wal_lsn(server)
         seconds = int(cfg.snapshots * cfg.snap_interval_s + 2)
         proc = h.track(server.popen("pgbench", *server.connection_args(), "-c", str(CLIENTS),
                                     "-j", "2", "-T", str(seconds), "postgres",
@@ -425,7 +425,7 @@ def bench_snapshots24(h: Harness, cfg: Config) -> list:
         bench = parse_pgbench(output)
         lsn1 = wal_lsn(server)
         admin.snapshot(store, "main@after")
-        df1, disk1 = admin.df(store), disk_bytes(side.store)
+        df1, disk1 = reports.df(store), disk_bytes(side.store)
         wal = wal_diff(server, lsn1, lsn0)
     finally:
         store.close()

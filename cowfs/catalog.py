@@ -133,6 +133,40 @@ def iter_visible(txn, env, chain: Chain, kind: bytes,
             yield record_key, bytes(raw[1:])
 
 
+def get_range(txn, env, chain: Chain, kind: bytes, start_key: bytes, end_key: bytes) -> dict[bytes, bytes]:
+    """The visible payloads of every record key in [start_key, end_key), with
+    one cursor walk per chain level instead of one lookup per key (a read of
+    a file range: its chunk maps). Upper levels shadow lower ones, tombstones
+    included; absent keys are absent from the result."""
+    if end_key == _next_key(start_key):              # one key: a point lookup is cheaper
+        payload = get(txn, env, chain, kind, start_key)
+        return {} if payload is None else {start_key: payload}
+    cursor = txn.cursor(db=env.records)
+    found: dict[bytes, bytes] = {}                   # record key -> raw value (tag + payload)
+    head_len = 9                                     # vol_id u64 + kind byte
+    for vol_id, max_gen in chain:
+        start = schema.record_prefix(vol_id, kind, start_key)
+        end = schema.record_prefix(vol_id, kind, end_key)
+        if not cursor.set_range(start):
+            continue
+        level: dict[bytes, bytes] = {}
+        for key, value in cursor:
+            if key >= end:
+                break
+            record_key = bytes(key[head_len:-8])
+            if record_key in level or schema.gen_from_inv(key[-8:]) > max_gen:
+                continue                             # an older version, or one too new
+            level[record_key] = value
+        for record_key, value in level.items():
+            found.setdefault(record_key, bytes(value))
+    return {k: v[1:] for k, v in found.items() if v[:1] == TAG_LIVE}
+
+
+def _next_key(key: bytes) -> bytes:
+    """The key right after `key` for keys of one fixed length (chunk map keys)."""
+    return (int.from_bytes(key, "big") + 1).to_bytes(len(key), "big")
+
+
 def put(txn, env, chain: Chain, kind: bytes, record_key: bytes, payload: bytes) -> Optional[bytes]:
     """Write a record at chain[0]'s head generation; return the payload displaced.
 

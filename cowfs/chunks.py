@@ -104,11 +104,24 @@ class ChunkStore:
         return self.read_located(chunk_ids, self.locate_many(txn, chunk_ids))
 
     def locate_many(self, txn, chunk_ids: list[bytes]) -> list[tuple[int, int, int]]:
-        """(pack, offset, length) of each chunk, as of `txn`."""
-        return [self._locate(txn, chunk_id) for chunk_id in chunk_ids]
+        """(pack, offset, length) of each chunk, as of `txn` (the lookups in
+        one call into LMDB: a 1 MiB read locates 128 chunks)."""
+        if not chunk_ids:
+            return []
+        found = dict(txn.cursor(db=self.env.chunks).getmulti(chunk_ids))
+        locations = []
+        unpack = schema.unpack_chunk
+        for chunk_id in chunk_ids:
+            raw = found.get(chunk_id)
+            if raw is None:
+                raise ChunkDamagedError(f"chunk {chunk_id.hex()} is referenced but not in the chunk index")
+            pack_id, offset, length, _refcount = unpack(raw)
+            locations.append((pack_id, offset, length))
+        return locations
 
-    def read_located(self, chunk_ids: list[bytes], locations: list) -> list[bytes]:
-        """The bytes of chunks already located, each verified against its id.
+    def read_located(self, chunk_ids: list[bytes], locations: list) -> list:
+        """The bytes of chunks already located (bytes, or memoryviews of one
+        read of a run), each verified against its id.
 
         Chunks that lie back to back in one pack (data, next entry header,
         data...) are read with one pread of the whole span and sliced: a
@@ -142,7 +155,8 @@ class ChunkStore:
             raise ChunkDamagedError(f"chunks at {first_offset}.. in pack {pack_id:08x}: {exc}") from exc
         if len(run) == 1:
             return [self._checked(run[0][0], span, pack_id, first_offset)]
-        return [self._checked(chunk_id, span[offset - first_offset: offset - first_offset + length],
+        view = memoryview(span)          # slices without copies; verified like bytes
+        return [self._checked(chunk_id, view[offset - first_offset: offset - first_offset + length],
                               pack_id, offset)
                 for chunk_id, _, offset, length in run]
 

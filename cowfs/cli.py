@@ -5,12 +5,10 @@ to do>`` on stderr and the exit code of its error class (`errors`).
 """
 
 import argparse
-import logging
 import os
-import subprocess
 import sys
 
-from . import errors, schema
+from . import __version__, errors, logs, schema
 from .cli_common import human, with_store
 from .errors import CowfsError, UsageError
 
@@ -24,6 +22,16 @@ def parse_size(text: str) -> int:
     if not digits.isdigit() or unit not in _SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 8192, 8K, 64KiB, 1M)")
     return int(digits) * _SIZE_UNITS[unit]
+
+
+MIN_LOG_BYTES = 1 << 20
+
+
+def parse_log_size(text: str) -> int:
+    size = parse_size(text)
+    if size and size < MIN_LOG_BYTES:
+        raise argparse.ArgumentTypeError(f"{text}: an intent log needs at least 1M (or 0 for none)")
+    return size
 
 
 def parse_interval_s(text: str) -> float:
@@ -51,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Typical start: cowfs init /srv/cowfs && mkdir -p /mnt/pg && "
                "cowfs mount /srv/cowfs /mnt/pg",
     )
-    parser.add_argument("--version", action="version", version="cowfs 0.1.0 (store format "
+    parser.add_argument("--version", action="version", version=f"cowfs {__version__} (store format "
                         f"{schema.FORMAT_VERSION})")
     parser.add_argument("--debug", action="store_true", help="log debug messages to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -74,12 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", default="main", metavar="NAME",
                    help="volume to mount (default: main); VOL@SNAP mounts a snapshot read-only")
     p.add_argument("--foreground", action="store_true",
-                   help="serve in this process until unmounted (for service managers); "
-                        "logs go to stderr")
+                   help="serve in this process until unmounted (for service managers; logs go "
+                        "to stderr; with $NOTIFY_SOCKET it sends systemd READY=1 once the mount "
+                        "is fully up, see 'cowfs service')")
     p.add_argument("--commit-interval", type=parse_interval_s, default=5.0, metavar="SECONDS",
                    help="commit buffered writes at least this often (default 5); fsync "
                         "always commits at once")
+    p.add_argument("--log-size", type=parse_log_size, default=None, metavar="SIZE",
+                   help="size of the volume's intent log, which makes an fsync one device flush "
+                        "(default 32M; made or resized at mount; 0: no log, every fsync commits "
+                        "to the packs and LMDB, three device flushes)")
+    p.add_argument("--no-xattrs", dest="xattrs", action="store_false",
+                   help="no extended attributes on this mount (PostgreSQL uses none): the kernel "
+                        "then stops asking for security.capability before every write(2), one "
+                        "round trip to the daemon less per write")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--log-file", help=argparse.SUPPRESS)     # set by the detached start
 
     p = sub.add_parser("umount", help="flush and unmount a mounted volume",
                        description="Unmount a cowfs mount; returns after the daemon committed "
@@ -102,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules():
     """CLI modules of other areas; each has add_commands(sub) and COMMANDS."""
-    from . import cli_lifecycle, cli_pg, cli_transfer
-    return (cli_lifecycle, cli_pg, cli_transfer)
+    from . import cli_lifecycle, cli_ops, cli_pg, cli_transfer
+    return (cli_lifecycle, cli_pg, cli_ops, cli_transfer)
 
 
 def _add_snapshot_commands(sub) -> None:
@@ -169,40 +187,57 @@ def _add_snapshot_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _print_message(args, func) -> int:
-    print(with_store(args, func))
+def _say(args, func, words) -> int:
+    """Run func(store), print what `words` makes of its result."""
+    print(words(with_store(args, func)))
     return 0
 
 
 def cmd_snapshot(args) -> int:
     from . import admin
-    return _print_message(args, lambda store: admin.snapshot(store, args.target))
+    return _say(args, lambda store: admin.snapshot(store, args.target),
+                lambda r: f"created snapshot {r['target']}")
 
 
 def cmd_clone(args) -> int:
     from . import admin
-    return _print_message(args, lambda store: admin.clone(store, args.source, args.new_volume))
+    return _say(args, lambda store: admin.clone(store, args.source, args.new_volume),
+                lambda r: f"created volume {r['volume']} from {r['origin']}"
+                          + (f" (snapshot {r['origin']} taken now)" if r["snapshot_taken"] else ""))
+
+
+def _destroyed_words(r: dict) -> str:
+    """`cowfs destroy`'s sentence, also for snapshots that only lose their name."""
+    if not r["kept_for"]:
+        return f"destroyed {'snapshot' if '@' in r['target'] else 'volume'} {r['target']}"
+    clones = ", ".join(r["kept_for"])
+    if "@" in r["target"]:
+        return f"snapshot {r['target']} removed from the list; its data stays for clone(s) {clones}"
+    return f"destroyed volume {r['target']}; the data clone(s) {clones} need stays"
 
 
 def cmd_destroy(args) -> int:
     from . import admin
-    return _print_message(args, lambda store: admin.destroy(store, args.target))
+    return _say(args, lambda store: admin.destroy(store, args.target), _destroyed_words)
 
 
 def cmd_rollback(args) -> int:
     from . import admin
-    return _print_message(args, lambda store: admin.rollback(store, args.target))
+    return _say(args, lambda store: admin.rollback(store, args.target),
+                lambda r: f"volume {r['volume']} rolled back to @{r['snapshot']}; the state before is "
+                          f"snapshot {r['volume']}@{r['undo']}")
 
 
 def cmd_rename(args) -> int:
     from . import admin
-    return _print_message(args, lambda store: admin.rename(store, args.old, args.new))
+    return _say(args, lambda store: admin.rename(store, args.old, args.new),
+                lambda r: f"renamed {r['kind']} {r['old']} to {r['new']}")
 
 
 def cmd_list(args) -> int:
     import json
-    from . import admin
-    rows = with_store(args, admin.listing)
+    from . import reports
+    rows = with_store(args, reports.listing)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -227,8 +262,12 @@ def _list_notes(row: dict) -> str:
 
 
 def cmd_gc(args) -> int:
-    from . import admin
-    result = with_store(args, lambda store: admin.collect_garbage(store, args.min_dead))
+    from . import admin, progress
+    with progress.Progress("gc") as bar:
+        def report(done_bytes: int, total_bytes: int) -> None:
+            bar.total = total_bytes
+            bar.update(done_bytes)
+        result = with_store(args, lambda store: admin.collect_garbage(store, args.min_dead, report))
     skipped = result["packs_skipped_no_space"]
     full = result.pop("store_full")
     print(f"gc: packs {human(result['bytes_before'])} -> {human(result['bytes_after'])}; "
@@ -247,8 +286,8 @@ def cmd_gc(args) -> int:
 
 def cmd_df(args) -> int:
     import json
-    from . import admin
-    report = with_store(args, admin.df)
+    from . import reports
+    report = with_store(args, reports.df)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -276,60 +315,53 @@ def _largest(items: list[dict], count: int = 3) -> list[str]:
 def cmd_init(args) -> int:
     from . import volumes
     from .store import Store
-    store = Store.create(args.store, args.chunk_size)
+    path = os.path.abspath(args.store)
+    ours = not os.path.exists(path)          # made by this command: ours to remove if it fails
+    try:
+        store = Store.create(path, args.chunk_size)
+    except OSError as exc:
+        if ours:
+            import shutil
+            shutil.rmtree(path, ignore_errors=True)
+        raise errors.StoreIOError(f"cannot create a store in {path} ({exc.strerror or exc}); give a "
+                                  "directory on a writable local filesystem") from exc
     try:
         with store.env.begin(write=True) as txn:
             volumes.create_empty(txn, store.env, "main")
     finally:
         store.close()
-    print(f"created store {os.path.abspath(args.store)} (chunk size {args.chunk_size} bytes) "
-          "with empty volume 'main'")
+    print(f"created store {path} (chunk size {args.chunk_size} bytes) with empty volume 'main'")
     return 0
 
 
 def cmd_mount(args) -> int:
-    from . import snapshots
+    from . import mounting, snapshots
     snapshots.parse_target(args.volume)
     if args.foreground:
         from . import daemon
-        return daemon.run(args.store, args.mountpoint, args.volume, args.ready_fd, args.commit_interval)
-    return _spawn_daemon(args)
-
-
-def _spawn_daemon(args) -> int:
-    """Start `cowfs mount --foreground` detached and wait until it says how it went."""
-    run_dir = os.path.join(os.path.abspath(args.store), "run")
-    log_path = os.path.join(run_dir, f"{args.volume}.log") if os.path.isdir(run_dir) else os.devnull
-    read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "cowfs", "mount", args.store, args.mountpoint, "--volume", args.volume,
-           "--foreground", "--ready-fd", str(write_fd), "--commit-interval", str(args.commit_interval)]
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=log_file, start_new_session=True)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        answer = pipe.read().decode(errors="replace").strip()
-    if answer == "OK":
-        return 0
-    if answer.startswith("ERR "):
-        code, _, message = answer[4:].partition(" ")
-        print(f"cowfs: {message}", file=sys.stderr)
-        return int(code)
-    proc.wait()
-    print(f"cowfs: the mount daemon exited with status {proc.returncode} before the mount was "
-          f"ready; see {log_path}", file=sys.stderr)
-    return errors.EXIT_FAILURE
+        logs.configure(args.log_file, args.debug)
+        return daemon.run(args.store, args.mountpoint, args.volume, args.ready_fd, args.commit_interval,
+                          args.log_size, args.xattrs)
+    extra = [] if args.log_size is None else ["--log-size", str(args.log_size)]
+    if not args.xattrs:
+        extra.append("--no-xattrs")
+    mounting.spawn(args.store, args.mountpoint, args.volume, args.commit_interval, extra)
+    return 0
 
 
 def cmd_umount(args) -> int:
-    from . import daemon
-    daemon.unmount(args.mountpoint)
+    from . import mounting
+    mounting.unmount(args.mountpoint)
     return 0
 
 
 def cmd_fsck(args) -> int:
-    from . import fsck
-    report = fsck.run(args.store, verify_data=args.verify_data)
+    from . import fsck, progress
+    with progress.Progress("fsck: verifying data", quiet=not args.verify_data) as bar:
+        def on_progress(done_bytes, total_bytes):
+            bar.total = total_bytes        # unchanged after the first call: cheap
+            bar.update(done_bytes)
+        report = fsck.run(args.store, verify_data=args.verify_data, progress=on_progress)
     for problem in report.problems:
         print(problem)
     summary = ", ".join(f"{n} {what}" for what, n in sorted(report.counts.items()))
@@ -352,8 +384,7 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help()
             return errors.EXIT_USAGE
-        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                            format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+        logs.configure(None, args.debug)
         handlers = dict(COMMANDS)
         for module in _command_modules():
             handlers.update(module.COMMANDS)
@@ -368,6 +399,13 @@ def main(argv=None) -> int:
         # none at exit when Python flushes stdout again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return errors.EXIT_FAILURE
+    except OSError as exc:
+        # The last net for an operating-system error that no command turned
+        # into a message of its own: one line, never a traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"cowfs: {args.command} failed: {exc.strerror or exc}{where}; check the path and its "
+              "filesystem, then try again", file=sys.stderr)
+        return errors.EXIT_IO
 
 
 if __name__ == "__main__":

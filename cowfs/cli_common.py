@@ -1,4 +1,4 @@
-"""Helpers shared by the command-line modules (cli, cli_lifecycle): output and store access."""
+"""Helpers shared by the command-line modules (cli, cli_lifecycle, cli_ops): output, store access, registration."""
 
 
 def human(size_bytes: int) -> str:
@@ -12,22 +12,26 @@ def human(size_bytes: int) -> str:
 
 
 def with_store(args, func):
-    """Open args.store, run func(store), always close it."""
+    """Open args.store, run func(store), always close it.
+
+    First the intent logs of unmounted volumes are replayed (after a crash
+    they may hold acknowledged writes not yet in LMDB): what a command shows
+    or snapshots is then what applications were told is durable."""
+    from .log_replay import replay_unmounted
     from .store import Store
     store = Store.open(args.store)
     try:
+        replay_unmounted(store)
         return func(store)
     finally:
         store.close()
 
 
-def command_registry():
-    """(COMMANDS, command): a CLI module's handlers by name, and the decorator that adds one."""
-    commands: dict = {}
-
+def command_registry(commands: dict):
+    """A decorator `@_command("name")` that records its function in `commands`."""
     def command(name: str):
         def register(func):
             commands[name] = func
             return func
         return register
-    return commands, command
+    return command

@@ -7,12 +7,12 @@ Parsing and output only; the work is done by `admin`, `policy`, `diff` and
 
 import json
 import sys
-import time
 
 from . import errors
 from .cli_common import command_registry, human, with_store
 
-COMMANDS, _command = command_registry()
+COMMANDS: dict = {}
+_command = command_registry(COMMANDS)
 
 
 def add_commands(sub) -> None:
@@ -115,15 +115,16 @@ def _add_scrub(sub) -> None:
 
 @_command("policy")
 def cmd_policy(args) -> int:
-    from . import admin, policy
+    from . import admin, policy, reports
     if args.volume is None:
         if args.every or args.off:
             raise errors.UsageError("name the volume: cowfs policy STORE VOL --every 1h --keep 24")
-        return _show_policies(args, with_store(args, admin.policies))
+        return _show_policies(args, with_store(args, reports.policies))
     if args.off:
         if args.every:
             raise errors.UsageError("give either --every (set a schedule) or --off (remove it), not both")
-        print(with_store(args, lambda store: admin.set_policy(store, args.volume, None)))
+        with_store(args, lambda store: admin.set_policy(store, args.volume, None))
+        print(f"schedule of {args.volume} turned off; its automatic snapshots stay until destroyed")
         return 0
     if not args.every:
         raise errors.UsageError(f"give --every DURATION (e.g. --every 1h --keep 24) or --off; "
@@ -131,7 +132,8 @@ def cmd_policy(args) -> int:
     new = policy.Policy(every_s=policy.parse_duration(args.every), keep_last=args.keep,
                         keep_hourly=args.keep_hourly, keep_daily=args.keep_daily,
                         keep_weekly=args.keep_weekly, keep_monthly=args.keep_monthly).check()
-    print(with_store(args, lambda store: admin.set_policy(store, args.volume, new)))
+    result = with_store(args, lambda store: admin.set_policy(store, args.volume, new))
+    print(f"schedule of {result['volume']}: {result['schedule']}")
     return 0
 
 
@@ -150,9 +152,9 @@ def _show_policies(args, rows: list[dict]) -> int:
 
 @_command("hold")
 def cmd_hold(args) -> int:
-    from . import admin
+    from . import admin, reports
     if args.target is None:
-        rows = [r for r in with_store(args, admin.listing) if r.get("held")]
+        rows = [r for r in with_store(args, reports.listing) if r.get("held")]
         if args.json:
             print(json.dumps([dict(name=r["name"], reason=r["hold_reason"], since=r["held_since"])
                               for r in rows], indent=1))
@@ -161,14 +163,19 @@ def cmd_hold(args) -> int:
         for row in rows:
             print(f"{row['name']:<48} {row['held_since']:<21} {row['hold_reason'] or '-'}")
         return 0
-    print(with_store(args, lambda store: admin.hold(store, args.target, args.reason)))
+    r = with_store(args, lambda store: admin.hold(store, args.target, args.reason))
+    if r["was_held"]:
+        print(f"snapshot {r['target']} was already held; reason now: {r['reason'] or '(none)'}")
+    else:
+        print(f"snapshot {r['target']} is held; it cannot be destroyed or pruned until released")
     return 0
 
 
 @_command("release")
 def cmd_release(args) -> int:
     from . import admin
-    print(with_store(args, lambda store: admin.release(store, args.target)))
+    r = with_store(args, lambda store: admin.release(store, args.target))
+    print(f"released snapshot {r['target']}")
     return 0
 
 
@@ -218,53 +225,23 @@ def _diff_line(change: dict) -> str:
 
 @_command("scrub")
 def cmd_scrub(args) -> int:
-    from . import scrub
-    progress = _Progress()
-    report = with_store(args, lambda store: scrub.scrub(store, progress.update))
-    progress.done()
+    from . import progress, scrub
+    with progress.Progress("scrub", quiet=args.json) as bar:
+        def on_progress(done_bytes, total_bytes, _done_chunks, _total_chunks):
+            bar.total = total_bytes        # grows if chunks are written meanwhile
+            bar.update(done_bytes)
+        report = with_store(args, lambda store: scrub.scrub(store, on_progress))
     if args.json:
         print(json.dumps(report, indent=1))
-    else:
-        for damaged in report["damaged"]:
-            print(f"DAMAGED chunk {damaged['chunk_id']} in pack {damaged['pack']} at offset "
-                  f"{damaged['offset']}: {damaged['problem']}")
-            for ref in damaged["refs"]:
-                print(f"    {ref['point']}: {ref['path']} (bytes {ref['offset']}..{ref['end']})")
-            if not damaged["refs"]:
-                print("    no volume or snapshot refers to it any more")
+        return errors.EXIT_FAILURE if report["damaged"] else 0
+    for damaged in report["damaged"]:
+        print(f"DAMAGED chunk {damaged['chunk_id']} in pack {damaged['pack']} at offset "
+              f"{damaged['offset']}: {damaged['problem']}")
+        for ref in damaged["refs"]:
+            print(f"    {ref['point']}: {ref['path']} (bytes {ref['offset']}..{ref['end']})")
+        if not damaged["refs"]:
+            print("    no volume or snapshot refers to it any more")
     verdict = "DAMAGED" if report["damaged"] else "intact"
     print(f"scrub: {report['chunks']} chunks, {report['bytes']} bytes read; {len(report['damaged'])} "
           f"damaged; store {verdict}", file=sys.stderr)
     return errors.EXIT_FAILURE if report["damaged"] else 0
-
-
-class _Progress:
-    """A bar on a terminal; otherwise a plain line at most every PLAIN_EVERY_S seconds."""
-
-    PLAIN_EVERY_S = 10.0
-    BAR_WIDTH = 30
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.last_s = 0.0
-
-    def update(self, done_bytes: int, total_bytes: int, done_chunks: int, total_chunks: int) -> None:
-        now = time.monotonic()
-        if now - self.last_s < (0.2 if self.tty else self.PLAIN_EVERY_S) and done_chunks < total_chunks:
-            return
-        self.last_s = now
-        fraction = done_bytes / total_bytes if total_bytes else 1.0
-        text = f"{done_chunks}/{total_chunks} chunks, {human(done_bytes)} of {human(total_bytes)}"
-        if self.tty:
-            filled = int(fraction * self.BAR_WIDTH)
-            bar = "#" * filled + "-" * (self.BAR_WIDTH - filled)
-            self.stream.write(f"\rscrub [{bar}] {fraction:4.0%} {text}")
-        else:
-            self.stream.write(f"scrub: {fraction:.0%} ({text})\n")
-        self.stream.flush()
-
-    def done(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()

@@ -12,10 +12,21 @@ import sys
 from .errors import EXIT_FAILURE, EXIT_OK, UsageError
 
 _PG_HELP = ("PostgreSQL workflows on cowfs volumes: rehearse a major-version upgrade on an "
-            "instant clone while the live cluster serves, cut over with no lost write, roll "
-            "back by a restart, bisect snapshots to find when something broke.")
+            "instant clone while the live cluster serves; cut over while it keeps serving "
+            "(clients wait about a second in PgBouncer) with no lost write; roll back the same "
+            "way; bisect snapshots to find when something broke.")
 
 _BIN_HELP = "bin directory of PostgreSQL {what} (holding postgres, pg_ctl, psql{extra})"
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: give positive seconds")
+    return value
 
 
 def _port(text: str) -> int:
@@ -26,7 +37,8 @@ def _port(text: str) -> int:
 
 def add_commands(sub) -> None:
     """Add the `pg` command and its subcommands to the top-level subparsers."""
-    p = sub.add_parser("pg", help="PostgreSQL: rehearse-upgrade, cutover, rollback-cutover, bisect",
+    p = sub.add_parser("pg", help="PostgreSQL: rehearse-upgrade, cutover, rollback-cutover, "
+                                  "finish-cutover, bisect",
                        description=_PG_HELP,
                        epilog="Step by step with examples: docs/postgres.md. As root, every "
                               "PostgreSQL program runs as the owner of the data directory.")
@@ -34,6 +46,7 @@ def add_commands(sub) -> None:
     _add_rehearse(pg_sub)
     _add_cutover(pg_sub)
     _add_rollback(pg_sub)
+    _add_finish(pg_sub)
     _add_bisect(pg_sub)
 
 
@@ -81,54 +94,110 @@ def _add_rehearse(pg_sub) -> None:
 
 def _add_cutover(pg_sub) -> None:
     p = pg_sub.add_parser(
-        "cutover", help="stop live, upgrade a clone the rehearsed way, serve it at MNT as VOL",
-        description="Stop the live server (fast shutdown), snapshot VOL, clone it, upgrade and "
-                    "verify the clone the rehearsed way, unmount VOL, rename it to "
-                    "VOL-pre-upgrade, rename the clone to VOL, mount it at MNT and start the new "
-                    "server with the live server's port, socket directory, listen addresses and "
-                    "configuration files. If anything fails before the live volume is "
-                    "unmounted, the old server is started again on the untouched live volume. "
-                    "Reports the downtime (live stopped -> new server accepting connections).",
+        "cutover", help="serve VOL upgraded: online (live keeps serving) or --offline (stop, upgrade)",
+        description="Online (the default): while the live server keeps serving, prepare it for "
+                    "logical replication (publication, one slot per database, DDL blocked), "
+                    "snapshot and clone VOL, upgrade the clone with pg_upgrade --link and start "
+                    "it on a side port, let it catch up through PostgreSQL's logical "
+                    "replication, then switch: PgBouncer PAUSE, wait until the new server has "
+                    "every commit, copy sequences, move the new server to the live port and "
+                    "socket directory, RESUME. Clients wait about a second instead of seeing "
+                    "errors. Afterwards the old server follows the new one on a side port, so "
+                    "'rollback-cutover --online' loses no write; 'finish-cutover' closes the "
+                    "window. Refuses in one line, before changing anything, what logical "
+                    "replication cannot carry (see docs/postgres.md). "
+                    "--offline: stop the live server, upgrade a clone, serve it at MNT as VOL "
+                    "(the old volume stays as VOL-pre-upgrade); the downtime is reported. If "
+                    "anything fails, the live server serves again as before.",
         epilog="Example: cowfs pg cutover /srv/cowfs live --pgdata pgdata --mountpoint /mnt/pg "
-               "--old-bin /usr/lib/postgresql/14/bin --new-bin /usr/lib/postgresql/16/bin")
+               "--old-bin /usr/lib/postgresql/14/bin --new-bin /usr/lib/postgresql/18/bin "
+               "--pgbouncer 'host=/var/run/postgresql port=6432 user=postgres'")
     _common(p)
     p.add_argument("--mountpoint", required=True, metavar="MNT", help="where VOL is mounted now")
     p.add_argument("--old-bin", required=True, metavar="DIR", help=_BIN_HELP.format(what="now", extra=""))
     p.add_argument("--new-bin", required=True, metavar="DIR",
-                   help=_BIN_HELP.format(what="to upgrade to", extra=", pg_upgrade, pg_amcheck"))
-    p.add_argument("--port", type=_port, metavar="N",
-                   help="port of the live server (default: read from its postmaster.pid)")
-    p.add_argument("--socket-dir", metavar="DIR",
-                   help="socket directory of the live server (default: from its postmaster.pid)")
-    p.add_argument("--keep-old-as", metavar="NAME",
-                   help="name for the pre-upgrade volume (default: VOL-pre-upgrade)")
+                   help=_BIN_HELP.format(what="to upgrade to", extra=", pg_upgrade, vacuumdb"))
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--online", dest="offline", action="store_false",
+                      help="keep the live server serving; switch behind PgBouncer (default)")
+    mode.add_argument("--offline", dest="offline", action="store_true",
+                      help="stop-the-world cutover, for clusters the online one refuses")
+    p.set_defaults(offline=False)
     p.add_argument("--check-sql", metavar="FILE",
-                   help="SQL run on the upgraded clone before it goes live; must return true")
+                   help="SQL run on the upgraded server before any client reaches it; its last "
+                        "result must be true")
     p.add_argument("--database", default="postgres", metavar="NAME",
                    help="database --check-sql runs in (default: postgres)")
-    p.add_argument("--verify", choices=("full", "light"), default="full",
-                   help="full (default): row counts of every table and pg_amcheck before going "
-                        "live, as in the rehearsal; light: only the new server's start and "
-                        "--check-sql, for clusters too big to read whole during the downtime "
-                        "(rehearse with full verification first)")
+    online = p.add_argument_group("online cutover")
+    online.add_argument("--pgbouncer", metavar="CONNINFO",
+                        help="libpq conninfo of the admin console of the PgBouncer your clients "
+                             "use (transaction pooling), e.g. 'host=/run/pgbouncer port=6432 "
+                             "user=postgres'; without it clients see a few seconds of errors")
+    online.add_argument("--pause-limit", type=_seconds, default=5.0, metavar="SECONDS",
+                        help="longest time clients may be held; a switch that would take longer "
+                             "(a long transaction through PgBouncer, a lagging replica) gives up "
+                             "and changes nothing (default: 5)")
+    online.add_argument("--catch-up-timeout", type=_seconds, default=3600.0, metavar="SECONDS",
+                        help="how long the new server may take to catch up before the switch "
+                             "(default: 3600)")
+    online.add_argument("--new-volume", metavar="NAME",
+                        help="name of the upgraded clone (default: VOL-pg<NEW>)")
+    online.add_argument("--new-mountpoint", metavar="DIR",
+                        help="where the upgraded clone is mounted (default: MNT-pg<NEW>)")
+    offline = p.add_argument_group("offline cutover")
+    offline.add_argument("--port", type=_port, metavar="N",
+                         help="port of the live server (default: read from its postmaster.pid)")
+    offline.add_argument("--socket-dir", metavar="DIR",
+                         help="socket directory of the live server (default: from postmaster.pid)")
+    offline.add_argument("--keep-old-as", metavar="NAME",
+                         help="name for the pre-upgrade volume (default: VOL-pre-upgrade)")
+    offline.add_argument("--verify", choices=("full", "light"), default="full",
+                         help="full (default): pg_amcheck on the new server once it serves; "
+                              "light: none (the rehearsal ran it on the same data)")
 
 
 def _add_rollback(pg_sub) -> None:
     p = pg_sub.add_parser(
-        "rollback-cutover", help="serve the pre-upgrade volume at MNT again with the old server",
-        description="Undo a cutover: stop the new server, unmount MNT, rename VOL to "
-                    "VOL-upgraded-<time> (kept, so the rollback can be undone too), rename the "
-                    "pre-upgrade volume back to VOL, mount it at MNT and start the old server "
-                    "on the port and socket directory the cutover recorded. Writes made after "
-                    "the cutover stay only in VOL-upgraded-<time>.",
-        epilog="Example: cowfs pg rollback-cutover /srv/cowfs live --mountpoint /mnt/pg "
+        "rollback-cutover", help="serve the pre-upgrade version at the live endpoint again",
+        description="Online (a cutover --online whose window is open): the same switch back: "
+                    "PgBouncer PAUSE, wait until the old server has every commit made on the "
+                    "new one, copy sequences, the old server takes the live port, RESUME; no "
+                    "write is lost, and the new server follows the old one until "
+                    "finish-cutover. Offline: stop the new server, unmount MNT, rename VOL to "
+                    "VOL-upgraded-<time> (kept), rename the pre-upgrade volume back to VOL, "
+                    "mount it at MNT and start the old server; writes made after the cutover "
+                    "stay only in VOL-upgraded-<time>.",
+        epilog="Examples: cowfs pg rollback-cutover /srv/cowfs live --mountpoint /mnt/pg --online "
+               "--pgbouncer 'host=/var/run/postgresql port=6432 user=postgres' | "
+               "cowfs pg rollback-cutover /srv/cowfs live --mountpoint /mnt/pg "
                "--old-bin /usr/lib/postgresql/14/bin")
     _common(p, pgdata=False)
     p.add_argument("--mountpoint", required=True, metavar="MNT", help="where VOL is mounted now")
-    p.add_argument("--old-bin", required=True, metavar="DIR", help=_BIN_HELP.format(what="before the "
-                   "upgrade", extra=""))
+    p.add_argument("--online", action="store_true",
+                   help="switch back an online cutover (its record at MNT says so)")
+    p.add_argument("--pgbouncer", metavar="CONNINFO", help="as for cutover --online")
+    p.add_argument("--pause-limit", type=_seconds, default=5.0, metavar="SECONDS",
+                   help="as for cutover --online (default: 5)")
+    p.add_argument("--catch-up-timeout", type=_seconds, default=3600.0, metavar="SECONDS",
+                   help="as for cutover --online (default: 3600)")
+    p.add_argument("--old-bin", metavar="DIR", help=_BIN_HELP.format(what="before the upgrade",
+                   extra="") + "; offline only")
     p.add_argument("--port", type=_port, metavar="N",
-                   help="port for the old server (default: the one the cutover recorded)")
+                   help="offline: port for the old server (default: the one the cutover recorded)")
+
+
+def _add_finish(pg_sub) -> None:
+    p = pg_sub.add_parser(
+        "finish-cutover", help="close an online cutover's window: keep what serves, stop the other",
+        description="Close the window an online cutover opened: drop the replication between "
+                    "the two servers (subscriptions, slots, publication), lift the DDL block, "
+                    "stop the server that follows and unmount its volume (kept). Whichever "
+                    "version serves now stays: the new one after a cutover, the old one after "
+                    "a rollback. Going back after this needs a new cutover.",
+        epilog="Example: cowfs pg finish-cutover /srv/cowfs live")
+    _common(p, pgdata=False)
+    p.add_argument("--mountpoint", metavar="MNT",
+                   help="where VOL is mounted (default: found from VOL's daemon)")
 
 
 def _add_bisect(pg_sub) -> None:
@@ -180,10 +249,10 @@ def _check_json_path(args) -> None:
 
 def cmd_pg(args) -> int:
     handlers = {"rehearse-upgrade": _rehearse, "cutover": _cutover,
-                "rollback-cutover": _rollback, "bisect": _bisect}
+                "rollback-cutover": _rollback, "finish-cutover": _finish, "bisect": _bisect}
     if args.pg_command is None:
-        raise UsageError("give a subcommand: rehearse-upgrade, cutover, rollback-cutover or bisect "
-                         "(see 'cowfs pg --help')")
+        raise UsageError("give a subcommand: rehearse-upgrade, cutover, rollback-cutover, "
+                         "finish-cutover or bisect (see 'cowfs pg --help')")
     _check_json_path(args)
     return handlers[args.pg_command](args)
 
@@ -197,18 +266,51 @@ def _rehearse(args) -> int:
 
 
 def _cutover(args) -> int:
-    from .pg.cutover import CutoverOptions, cutover
-    return _emit(cutover(CutoverOptions(
+    if args.offline:
+        from .pg.cutover import CutoverOptions, cutover
+        _only_with(args, "--offline", pgbouncer="--pgbouncer", new_volume="--new-volume",
+                   new_mountpoint="--new-mountpoint")
+        return _emit(cutover(CutoverOptions(
+            store=args.store, volume=args.volume, pgdata=args.pgdata, mountpoint=args.mountpoint,
+            old_bin=args.old_bin, new_bin=args.new_bin, port=args.port, socket_dir=args.socket_dir,
+            keep_old_as=args.keep_old_as, check_sql_path=args.check_sql,
+            database=args.database, verify=args.verify)), args)
+    from .pg.online import OnlineOptions, cutover_online
+    _only_with(args, "--online", port="--port", socket_dir="--socket-dir",
+               keep_old_as="--keep-old-as")
+    return _emit(cutover_online(OnlineOptions(
         store=args.store, volume=args.volume, pgdata=args.pgdata, mountpoint=args.mountpoint,
-        old_bin=args.old_bin, new_bin=args.new_bin, port=args.port, socket_dir=args.socket_dir,
-        keep_old_as=args.keep_old_as, check_sql_path=args.check_sql,
-        database=args.database, verify=args.verify)), args)
+        old_bin=args.old_bin, new_bin=args.new_bin, pgbouncer=args.pgbouncer,
+        new_volume=args.new_volume, new_mountpoint=args.new_mountpoint,
+        pause_limit_s=args.pause_limit, catch_up_timeout_s=args.catch_up_timeout,
+        check_sql_path=args.check_sql, database=args.database)), args)
+
+
+def _only_with(args, mode: str, **options) -> None:
+    """Refuse options that belong to the other kind of cutover (they would be ignored)."""
+    given = [flag for name, flag in options.items() if getattr(args, name) is not None]
+    if given:
+        other = "--offline" if mode == "--online" else "the online cutover (the default)"
+        raise UsageError(f"{', '.join(given)} only applies to {other}, not {mode}")
 
 
 def _rollback(args) -> int:
+    if args.online:
+        from .pg.online import rollback_online
+        _only_with(args, "--online", old_bin="--old-bin", port="--port")
+        return _emit(rollback_online(args.store, args.volume, args.mountpoint, args.pgbouncer,
+                                     pause_limit_s=args.pause_limit,
+                                     catch_up_timeout_s=args.catch_up_timeout), args)
     from .pg.cutover import rollback_cutover
+    if args.pgbouncer is not None:
+        raise UsageError("--pgbouncer applies to rolling back an online cutover: add --online")
     return _emit(rollback_cutover(args.store, args.volume, args.mountpoint, args.old_bin,
                                   port=args.port), args)
+
+
+def _finish(args) -> int:
+    from .pg.online import finish_cutover
+    return _emit(finish_cutover(args.store, args.volume, args.mountpoint), args)
 
 
 def _bisect(args) -> int:

@@ -13,7 +13,8 @@ from . import errors
 from .cli_common import command_registry, human, with_store
 from .progress import Progress
 
-COMMANDS, _command = command_registry()
+COMMANDS: dict = {}
+_command = command_registry(COMMANDS)
 
 
 def add_commands(sub) -> None:
@@ -78,15 +79,16 @@ def cmd_send(args) -> int:
     if args.output is None and sys.stdout.isatty():
         raise errors.UsageError("the stream would go to the terminal; pipe it (| cowfs receive ...), "
                                 "redirect it (> FILE) or give --output FILE")
-    progress = Progress("send", quiet=args.json)
     try:
         out = sys.stdout.buffer if args.output is None else _new_file(args.output)
     except FileExistsError:
         raise errors.ExistsError(f"{args.output} exists; give a new file name (a stream is never "
                                  "written over a file)") from None
     try:
-        summary = with_store(args, lambda store: send.send(
-            store, args.target, out, args.base, on_bytes=progress.update, on_start=progress.start))
+        with Progress("send", quiet=args.json) as progress:
+            summary = with_store(args, lambda store: send.send(
+                store, args.target, out, args.base, on_bytes=progress.advance,
+                on_start=_total_setter(progress)))
     except BrokenPipeError:
         # The reader (a receive that refused the stream, ssh...) went away. No
         # second error when Python flushes stdout at exit.
@@ -98,14 +100,19 @@ def cmd_send(args) -> int:
             out.close()
             os.unlink(args.output)          # no half stream left behind
         raise
-    finally:
-        progress.close()
     if args.output is not None:
         out.close()
     _summary(args, summary, sys.stdout if args.output else sys.stderr,
              f"sent {summary['snapshot']}"
              + (f" (changes since {summary['base']})" if summary["base"] else " (full)"))
     return 0
+
+
+def _total_setter(progress: Progress):
+    """on_start of send/receive: the size estimate, known once the header is."""
+    def set_total(total_bytes: int) -> None:
+        progress.total = total_bytes or None
+    return set_total
 
 
 def _new_file(path: str):
@@ -126,12 +133,11 @@ def cmd_receive(args) -> int:
         inp = sys.stdin.buffer if args.input is None else open(args.input, "rb")
     except FileNotFoundError:
         raise errors.NotFoundError(f"stream file {args.input} does not exist") from None
-    progress = Progress("receive", quiet=args.json)
     try:
-        summary = with_store(args, lambda store: receive.receive(
-            store, inp, args.volume, on_bytes=progress.update, on_start=progress.start))
+        with Progress("receive", quiet=args.json) as progress:
+            summary = with_store(args, lambda store: receive.receive(
+                store, inp, args.volume, on_bytes=progress.advance, on_start=_total_setter(progress)))
     finally:
-        progress.close()
         if args.input is not None:
             inp.close()
     _summary(args, summary, sys.stdout, f"received {summary['snapshot']}"

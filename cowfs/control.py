@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from .errors import BusyError, CowfsError
+from .errors import EXIT_IO, BusyError, CowfsError, FsError, StoreIOError
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ def _protect_run_dir(run_dir: str) -> None:
 
 
 def listen(run_dir: str, vol_id: int) -> socket.socket:
+    """The listening socket; a `StoreIOError` saying what to do if it cannot be made."""
     name = socket_name(vol_id)
-    _protect_run_dir(run_dir)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
     def bind():
@@ -65,8 +65,15 @@ def listen(run_dir: str, vol_id: int) -> socket.socket:
             pass
         sock.bind(name)
         os.chmod(name, 0o600)
-    _in_dir(run_dir, bind)
-    sock.listen(16)
+    try:
+        _protect_run_dir(run_dir)
+        _in_dir(run_dir, bind)
+        sock.listen(16)
+    except OSError as exc:
+        sock.close()
+        raise StoreIOError(f"cannot create the control socket {os.path.join(run_dir, name)} ({exc}); "
+                           "the store's run/ directory must be on a local filesystem that can hold "
+                           "Unix sockets") from exc
     return sock
 
 
@@ -123,6 +130,10 @@ async def _answer(conn, stream, handle):
         return await handle(json.loads(data))
     except CowfsError as exc:
         return dict(ok=False, error=str(exc), exit_code=exc.exit_code)
+    except FsError as exc:
+        # A failed flush (EIO, ENOSPC): what `cowfs umount` and a snapshot
+        # report the same way -- an I/O error or a full disk, exit code 7.
+        return dict(ok=False, error=f"flushing the volume failed: {exc}", exit_code=EXIT_IO)
     except Exception as exc:
         log.exception("control request failed")
         return dict(ok=False, error=f"daemon error: {exc}", exit_code=1)

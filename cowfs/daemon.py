@@ -1,44 +1,43 @@
 """The mount daemon: one process per mounted volume.
 
 Lifecycle: open the store, take the volume lock (one read-write user at a
-time), free orphans a crashed predecessor left, mount, tell the waiting
-``cowfs mount`` that the mount is usable, serve until unmounted, flush,
-release the lock.
+time), free orphans a crashed predecessor left, mount, write the registry
+entry, create the control socket, and only then tell whoever waits (the
+`cowfs mount` that started us, systemd) that the mount is ready; a failure
+at any of these steps unmounts again and is reported in one line. Then
+serve until unmounted, commit everything, release the lock.
 
-A registry file per mount (``/run/cowfs/<dev>.json``, keyed by the mount's
-device number from /proc/self/mountinfo) lets ``cowfs umount MOUNTPOINT``
-find the daemon without knowing the store; a daemon whose final flush
-failed leaves ``final-<pid>.json`` beside it for ``umount`` to report (keyed
-by pid: the kernel hands the device number to the next mount as soon as
-this one is gone, and a daemon removes only an entry that is still its own).
-Reading mountinfo never sends a request to a FUSE daemon, so a hung daemon
-cannot hang ``umount``.
+The registry, the ready protocol and unmounting from outside live in
+`mounting`, shared with the CLI and the service.
 """
 
 import errno
-import json
 import logging
 import os
 import signal
-import subprocess
 import time
 from typing import Optional
 
+import lmdb
 import pyfuse3
 import trio
 
-from . import admin, control, policy, schema, snapshots, volumes
+from . import (control, intent_log, log_replay, logs, mounting, policy, schema, scheduling, snapshots,
+               volumes)
 from .errors import BusyError, CowfsError, FsError, NotFoundError, StoreIOError, UsageError
+# Re-exported for the callers that reach mounts through the daemon module
+# (pg/workspace, tests/helpers, bench/harness); new code uses `mounting`.
+from .mounting import FUSE_TYPE, find_mount, read_registry, unmount  # noqa: F401
 from .filesystem import Filesystem
-from .fuse_ops import FuseOps
+from .counted_ops import CountedOps
 from .group_commit import GroupCommitter
+from .log_writer import LogWriter
 from .space_keeper import SpaceKeeper
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COMMIT_INTERVAL_S = 5.0
-FUSE_TYPE = "fuse.cowfs"
 # Kernel read-ahead of the mount. FUSE mounts get 128 KiB, so a sequential
 # reader has one 128 KiB request in flight at a time. At 4 MiB the kernel
 # sends 1 MiB requests (the largest libfuse negotiates) several at a time,
@@ -50,85 +49,6 @@ FUSE_TYPE = "fuse.cowfs"
 READ_AHEAD_KIB = 4096
 READ_AHEAD_CHECKS = 20
 READ_AHEAD_CHECK_INTERVAL_S = 0.25
-
-
-# --- mount table and registry ---------------------------------------------------------
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1:i + 4]
-        if field[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def find_mount(mountpoint: str) -> Optional[dict]:
-    """The mountinfo entry of a mount point (the last one, if stacked), or None."""
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if _unescape(fields[4]) == mountpoint:
-                found = dict(dev=fields[2], mountpoint=mountpoint, fstype=rfields[0],
-                             source=_unescape(rfields[1]))
-    return found
-
-
-def registry_dir() -> str:
-    base = "/run" if os.access("/run", os.W_OK) else (os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
-    path = os.path.join(base, "cowfs" if base == "/run" else f"cowfs-{os.getuid()}")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
-
-
-def registry_path(dev: str) -> str:
-    return os.path.join(registry_dir(), dev.replace(":", "_") + ".json")
-
-
-def read_registry(dev: str) -> Optional[dict]:
-    try:
-        with open(registry_path(dev)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _write_registry(dev: str, info: dict) -> None:
-    _write_json(registry_path(dev), info)
-
-
-def _write_json(path: str, info: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, path)
-
-
-def final_status_path(pid: int) -> str:
-    """Where a daemon that ends with an error leaves it for `cowfs umount`.
-
-    Keyed by pid, not by the mount's device number: the kernel gives that
-    number to the next FUSE mount as soon as this one is gone, while this
-    daemon may still be writing its final flush."""
-    return os.path.join(registry_dir(), f"final-{pid}.json")
-
-
-def _forget_registry(dev: str) -> None:
-    """Remove the registry entry of `dev` if it is still ours (the number may
-    belong to a newer mount already)."""
-    info = read_registry(dev)
-    if info is not None and info.get("pid") == os.getpid():
-        try:
-            os.unlink(registry_path(dev))
-        except OSError:
-            pass
 
 
 # --- checks before mounting --------------------------------------------------------------
@@ -213,22 +133,13 @@ async def _scheduler(fs: Filesystem, mountpoint: str) -> None:
 
 
 async def _scheduled_step(fs: Filesystem, mountpoint: str) -> Optional[policy.Policy]:
-    with fs.env.begin() as txn:
-        pol = policy.get(txn, fs.env, fs.vol_id)
-        last_ns = None if pol is None else admin.last_auto_ns(txn, fs.env, fs.vol_id)
-    if pol is None or not policy.is_due(pol, last_ns, time.time_ns()):
-        return pol
-    # Rule 5, as for `cowfs snapshot`: the kernel hands over its cached
-    # writes, then flush and snapshot commit in one transaction.
-    await trio.to_thread.run_sync(_syncfs, mountpoint)
-    with fs.env.begin() as txn:
-        name = admin.free_snapshot_name(txn, fs.env, fs.vol_id, policy.auto_name(time.time_ns()))
-        vol_name = volumes.volume_record(txn, fs.env, fs.vol_id)["name"]
-    fs.snapshot(name, flags=schema.SNAP_FLAG_AUTO)
-    result = admin.prune_volume(fs.store, fs.vol_id, vol_name)
-    log.info("scheduled snapshot %s@%s; pruned %d (%d bytes freed)%s", vol_name, name,
-             len(result["destroy"]), result["frees_bytes"],
-             f", {len(result['skipped'])} in use" if result["skipped"] else "")
+    pol, due = scheduling.due(fs.store, fs.vol_id, time.time_ns())
+    if due:
+        # Rule 5, as for `cowfs snapshot`: the kernel hands over its cached
+        # writes, then flush and snapshot commit in one transaction.
+        await trio.to_thread.run_sync(_syncfs, mountpoint)
+        scheduling.step(fs.store, fs.vol_id, time.time_ns(),
+                        take=lambda name: fs.snapshot(name, flags=schema.SNAP_FLAG_AUTO))
     return pol
 
 
@@ -249,17 +160,39 @@ def _control_handler(fs: Filesystem, committer: GroupCommitter, mountpoint: str,
                 return dict(ok=True)
             return dict(ok=True, gen=fs.snapshot(request["name"]))
         if op == "stats":
-            return dict(ok=True, pid=os.getpid(), dirty_bytes=fs.dirty_bytes,
-                        cached_inodes=len(fs.inodes), head_gen=fs.chain[0][1],
-                        sync_requests=committer.requests, flush_jobs=fs.flush_jobs,
-                        gc_runs=0 if keeper is None else keeper.runs)
+            return dict(ok=True, **_stats(fs, committer, keeper))
         return dict(ok=False, error=f"unknown request {op!r}", exit_code=2)
     return handle
 
 
+# The FUSE adapter of this process's mount (one mount per daemon process),
+# whose operation figures `stats` reports.
+_mounted_ops: Optional[CountedOps] = None
+
+
+def _stats(fs: Filesystem, committer: GroupCommitter, keeper: Optional[SpaceKeeper]) -> dict:
+    """The `stats` answer. `figures` is passed through as it is by `cowfs status`
+    and `cowfs metrics` (names ending in _total are counters, others gauges):
+    a figure added here shows up there without other changes."""
+    ops = _mounted_ops
+    figures = dict(dirty_bytes=fs.dirty_bytes, cached_inodes=len(fs.inodes), head_gen=fs.chain[0][1],
+                   fsync_requests_total=committer.requests, flush_jobs_total=fs.flush_jobs,
+                   gc_runs_total=0 if keeper is None else keeper.runs,
+                   errors_total=logs.errors.count, **scheduling.figures(),
+                   **({} if ops is None else ops.figures()), **_log_figures(fs.log, committer))
+    return dict(pid=os.getpid(), figures=figures, stopped=fs.stopped,
+                last_error=logs.errors.last or None, last_error_ns=logs.errors.last_ns or None,
+                fsync_latency=None if ops is None else ops.fsync_latency.snapshot(),
+                fuse_requests={} if ops is None else dict(ops.requests),
+                # the names of before `figures`, kept for existing callers
+                dirty_bytes=fs.dirty_bytes, sync_requests=committer.requests, flush_jobs=fs.flush_jobs)
+
+
 async def _serve(fs: Filesystem, committer: GroupCommitter, mountpoint: str, dev: str,
-                 commit_interval_s: float, listener) -> None:
+                 commit_interval_s: float, listener, log_size_bytes: Optional[int]) -> None:
     async with trio.open_nursery() as nursery:
+        if not fs.read_only:
+            nursery.start_soon(_start_log, fs, log_size_bytes)
         nursery.start_soon(_set_read_ahead, dev)
         nursery.start_soon(_periodic_flush, fs, committer, commit_interval_s)
         nursery.start_soon(_unmount_on_signal, mountpoint)
@@ -272,6 +205,41 @@ async def _serve(fs: Filesystem, committer: GroupCommitter, mountpoint: str, dev
             nursery.start_soon(control.serve, listener, _control_handler(fs, committer, mountpoint, keeper))
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+def _log_figures(writer: Optional[LogWriter], committer: GroupCommitter) -> dict:
+    """The intent log's figures for `stats` (counters end in _total)."""
+    if writer is None:
+        return dict(log_enabled=0, log_syncs_total=committer.log_syncs)
+    return dict(log_enabled=1, log_syncs_total=committer.log_syncs, log_records_total=writer.records,
+                log_batches_total=writer.batches, log_written_bytes_total=writer.bytes_written,
+                log_used_bytes=writer.used_bytes, log_capacity_bytes=writer.capacity_bytes)
+
+
+async def _start_log(fs: Filesystem, size_bytes: Optional[int]) -> None:
+    """Give the volume its intent log. The file is made at the first
+    read-write mount (or when --log-size asks for another size: after the
+    replay at mount it holds nothing), in a thread, as writing its zeros
+    takes a moment: until then, and for good if it cannot be made (a full
+    disk) or with --log-size 0, every fsync is a fold -- three device
+    flushes instead of one, nothing else changes."""
+    store = fs.store
+    path = intent_log.log_path(store.logs_dir, fs.vol_id)
+    if size_bytes == 0:
+        return
+    try:
+        if not os.path.exists(path) or (size_bytes and os.path.getsize(path) != size_bytes):
+            await trio.to_thread.run_sync(intent_log.create_file, path, fs.vol_id, store.uuid,
+                                          size_bytes or intent_log.LOG_BYTES)
+        with fs.env.begin() as txn:
+            state = intent_log.read_state(txn, fs.env, fs.vol_id)
+        writer = LogWriter(path, state, fs.env, store.chunks, on_failure=fs.log_failed)
+    except OSError as exc:
+        log.warning("volume id %d has no intent log (%s): every fsync commits to the packs "
+                    "directly", fs.vol_id, exc)
+        return
+    writer.on_synced_count = fs.note_synced
+    fs.log = writer
 
 
 def _mount_options(volume: str, read_only: bool) -> set:
@@ -302,60 +270,69 @@ async def _set_read_ahead(dev: str) -> None:
             return
 
 
-class _Ready:
-    """Tells the `cowfs mount` that started us how mounting went."""
-
-    def __init__(self, fd: Optional[int]):
-        self._fd = fd
-
-    def send(self, text: str) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.write(self._fd, text.encode() + b"\n")
-            os.close(self._fd)
-        except OSError:
-            pass
-        self._fd = None
-
-
 def run(store_path: str, mountpoint: str, volume: str, ready_fd: Optional[int] = None,
-        commit_interval_s: float = DEFAULT_COMMIT_INTERVAL_S) -> int:
+        commit_interval_s: float = DEFAULT_COMMIT_INTERVAL_S,
+        log_size_bytes: Optional[int] = None, xattrs: bool = True) -> int:
     """Mount and serve until unmounted; returns the process exit code."""
-    ready = _Ready(ready_fd)
+    ready = mounting.Readiness(ready_fd)
     try:
         store, lock, fs, mnt = _prepare(store_path, mountpoint, volume)
     except CowfsError as exc:
-        ready.send(f"ERR {exc.exit_code} {exc}")
-        log.error("%s", exc)
-        return exc.exit_code
-    status = 0
+        return ready.failed(exc)
     try:
-        try:
-            committer = GroupCommitter(fs)
-            pyfuse3.init(FuseOps(fs, committer), mnt, _mount_options(volume, fs.read_only))
-        except RuntimeError as exc:
-            raise BusyError(f"mounting {mnt} failed ({exc}); is /dev/fuse usable?") from exc
-        dev = find_mount(mnt)["dev"]
-        _write_registry(dev, dict(pid=os.getpid(), store=store.path, volume=volume,
-                                  mountpoint=mnt, status="mounted"))
-        ready.send("OK")
-        log.info("volume %s of %s mounted at %s (pid %d)", volume, store.path, mnt, os.getpid())
-        listener = None if fs.read_only else control.listen(store.run_dir, fs.vol_id)
-        try:
-            status = _serve_until_unmounted(fs, committer, mnt, dev, commit_interval_s, listener)
-        finally:
-            if listener is not None:
-                listener.close()
-                control.remove(store.run_dir, fs.vol_id)
+        return _mount_and_serve(store, fs, mnt, volume, commit_interval_s, ready, log_size_bytes, xattrs)
     except CowfsError as exc:
-        ready.send(f"ERR {exc.exit_code} {exc}")
-        log.error("%s", exc)
-        status = exc.exit_code
+        return ready.failed(exc)
     finally:
         lock.release()
         store.close()
-    return status
+
+
+def _mount_and_serve(store: Store, fs: Filesystem, mnt: str, volume: str, commit_interval_s: float,
+                     ready: mounting.Readiness, log_size_bytes: Optional[int], xattrs: bool) -> int:
+    global _mounted_ops
+    committer = GroupCommitter(fs)
+    _mounted_ops = CountedOps(fs, committer, xattrs)
+    try:
+        pyfuse3.init(_mounted_ops, mnt, _mount_options(volume, fs.read_only))
+    except RuntimeError as exc:
+        raise BusyError(f"mounting {mnt} failed ({exc}); is /dev/fuse usable?") from exc
+    try:
+        dev, listener = _start_services(store, fs, mnt, volume, commit_interval_s)
+    except Exception as exc:
+        # Nothing was served yet, so nothing is buffered: unmount, so that a
+        # failed start never leaves a dead mount behind.
+        pyfuse3.close(unmount=True)
+        if isinstance(exc, CowfsError):
+            raise
+        raise CowfsError(f"starting volume {volume} at {mnt} failed after the FUSE mount ({exc}); "
+                         "it was unmounted again and nothing was written; the daemon's log has "
+                         "the details") from exc
+    ready.ok(f"volume {volume} of {store.path} mounted at {mnt} (pid {os.getpid()})")
+    try:
+        return _serve_until_unmounted(fs, committer, mnt, dev, commit_interval_s, listener, ready,
+                                      log_size_bytes)
+    finally:
+        if listener is not None:
+            listener.close()
+            control.remove(store.run_dir, fs.vol_id)
+
+
+def _start_services(store: Store, fs: Filesystem, mnt: str, volume: str, commit_interval_s: float):
+    """The registry entry and the control socket: (dev, listener or None).
+
+    Undoes its own steps when a later one fails.
+    """
+    dev = find_mount(mnt)["dev"]
+    mounting.write_registry(dev, dict(pid=os.getpid(), store=store.path, volume=volume, mountpoint=mnt,
+                                      status="mounted", started_ns=time.time_ns(),
+                                      read_only=fs.read_only, commit_interval_s=commit_interval_s))
+    try:
+        listener = None if fs.read_only else control.listen(store.run_dir, fs.vol_id)
+    except BaseException:
+        mounting.forget_registry(dev)
+        raise
+    return dev, listener
 
 
 def _prepare(store_path: str, mountpoint: str, target: str):
@@ -371,6 +348,7 @@ def _prepare(store_path: str, mountpoint: str, target: str):
             gen = None if snap is None else snapshots.snapshot_gen(txn, store.env, vol_id, vol_name, snap)
         if snap is None:
             lock = store.lock_volume(vol_id, vol_name, f"mounted at {mnt}")
+            _replay(store, vol_id, vol_name, lock)
         else:
             lock = store.lock_snapshot(vol_id, gen, target, exclusive=False, holder=f"mounted at {mnt}")
             _recheck_snapshot(store, vol_id, vol_name, snap, gen, lock)
@@ -388,6 +366,18 @@ def _prepare(store_path: str, mountpoint: str, target: str):
     return store, lock, fs, mnt
 
 
+def _replay(store: Store, vol_id: int, vol_name: str, lock) -> None:
+    """Before serving: the writes a crashed predecessor acknowledged through
+    the intent log go into LMDB (and the log starts a new epoch)."""
+    try:
+        store.prepare_for_logs()
+        log_replay.replay(store, vol_id)
+    except (OSError, lmdb.Error) as exc:
+        lock.release()
+        raise StoreIOError(f"replaying the intent log of volume {vol_name} failed: {exc}; "
+                           "nothing was changed, check the disk and mount again") from exc
+
+
 def _recheck_snapshot(store: Store, vol_id: int, vol_name: str, snap: str, gen: int, lock) -> None:
     """The snapshot may have been destroyed between the lookup and our shared lock."""
     with store.env.begin() as txn:
@@ -402,21 +392,28 @@ def _recheck_snapshot(store: Store, vol_id: int, vol_name: str, snap: str, gen: 
 
 
 def _serve_until_unmounted(fs: Filesystem, committer: GroupCommitter, mnt: str, dev: str,
-                           commit_interval_s: float, listener) -> int:
+                           commit_interval_s: float, listener, ready: mounting.Readiness,
+                           log_size_bytes: Optional[int]) -> int:
     unmounted = False
     try:
-        trio.run(_serve, fs, committer, mnt, dev, commit_interval_s, listener)
+        trio.run(_serve, fs, committer, mnt, dev, commit_interval_s, listener, log_size_bytes)
         unmounted = True
     finally:
-        error = _final_flush(fs)
+        ready.stopping(f"{mnt} unmounted; committing buffered writes")
+        error = _final_flush(fs)        # a fold that covers every intent-log record
+        if fs.log is not None:
+            fs.log.close()
         pyfuse3.close(unmount=not unmounted)
         if error is not None:
-            _write_json(final_status_path(os.getpid()), dict(mountpoint=mnt, error=error))
-        _forget_registry(dev)
+            mounting.write_json(mounting.final_status_path(os.getpid()), dict(mountpoint=mnt, error=error))
+        else:
+            log.info("%s unmounted; every buffered write is committed", mnt)   # status.CLEAN_EXIT
+        mounting.forget_registry(dev)
     return 0 if error is None else StoreIOError.exit_code
 
 
 def _final_flush(fs: Filesystem) -> Optional[str]:
+    fs.unmounting = True
     try:
         try:
             fs.sync_all()      # rule 2: also the metadata of earlier namespace commits
@@ -432,49 +429,3 @@ def _final_flush(fs: Filesystem) -> Optional[str]:
         # Rule 3: `cowfs umount` reports this (exit 7) instead of success.
         log.error("final flush failed: buffered writes were NOT saved: %s", exc)
         return f"final flush failed, buffered writes were not saved: {exc}"
-
-
-# --- unmounting (called by the CLI) --------------------------------------------------------
-
-def unmount(mountpoint: str, timeout_s: float = 600.0) -> None:
-    mnt = os.path.abspath(mountpoint)
-    entry = find_mount(mnt)
-    if entry is None:
-        raise NotFoundError(f"{mnt} is not mounted")
-    if entry["fstype"] != FUSE_TYPE:
-        raise UsageError(f"{mnt} is not a cowfs mount (it is {entry['fstype']})")
-    info = read_registry(entry["dev"])
-    result = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
-    if result.returncode != 0:
-        detail = result.stderr.strip()
-        if "busy" in detail.lower():
-            raise BusyError(f"{mnt} is busy; stop the processes using it (see 'fuser -vm {mnt}') "
-                            "and try again")
-        raise CowfsError(f"unmounting {mnt} failed: {detail}")
-    if info is not None:
-        _wait_for_exit(info["pid"], timeout_s, mnt)
-        try:
-            with open(final_status_path(info["pid"])) as f:
-                final = json.load(f)
-        except (OSError, ValueError):
-            return
-        os.unlink(final_status_path(info["pid"]))
-        raise StoreIOError(f"{mnt}: {final.get('error')}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def _wait_for_exit(pid: int, timeout_s: float, mnt: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _pid_alive(pid):
-        if time.monotonic() > deadline:
-            raise BusyError(f"the daemon of {mnt} (pid {pid}) is still flushing after {timeout_s:.0f} s; "
-                            "it keeps going, check its log")
-        time.sleep(0.02)

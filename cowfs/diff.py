@@ -74,8 +74,8 @@ def index_is_stale(txn, env, vol_id: int) -> bool:
 
 def changed_keys_exist(txn, env, vol_id: int, lo_gen: int, hi_gen: int) -> bool:
     cursor = txn.cursor(db=env.born)
-    start = schema.u64(vol_id) + schema.u64(lo_gen + 1)
-    return cursor.set_range(start) and bytes(cursor.key()) < schema.u64(vol_id) + schema.u64(hi_gen + 1)
+    start, end = schema.born_range(vol_id, lo_gen, hi_gen)
+    return cursor.set_range(start) and bytes(cursor.key()) < end
 
 
 INDEX_BATCH_ENTRIES = 10_000    # per write transaction: a mounted volume's commits wait at most one batch
@@ -116,14 +116,14 @@ def refresh_index(env, vol_id: int) -> dict:
 def _replay_updates(txn, env, vol_id: int, chain, from_gen: int, to_gen: int) -> list:
     """(dentry key, ino or None) for the directory entries born in (from_gen, to_gen]."""
     updates = []
-    for record_key in changed_keys(txn, env, vol_id, from_gen, to_gen)[schema.KIND_DENTRY]:
+    for record_key in snapshots.changed_keys(txn, env, vol_id, from_gen, to_gen)[schema.KIND_DENTRY]:
         payload = catalog.get(txn, env, chain, schema.KIND_DENTRY, record_key)
         updates.append((record_key, None if payload is None else schema.read_u64(payload)))
     return updates
 
 
 def _clear_index(env, vol_id: int) -> None:
-    prefix = schema.u64(vol_id)
+    prefix = schema.vol_prefix(vol_id)
     while True:
         with env.begin(write=True) as txn:
             cursor = txn.cursor(db=env.paths)
@@ -224,24 +224,6 @@ class PathResolver:
 
 # --- changed records ------------------------------------------------------------------------------
 
-def changed_keys(txn, env, vol_id: int, lo_gen: int, hi_gen: int) -> dict[bytes, set]:
-    """Record keys of a volume with a version born in (lo_gen, hi_gen], per kind."""
-    out = {kind: set() for kind in (schema.KIND_INODE, schema.KIND_DENTRY, schema.KIND_CHUNK,
-                                    schema.KIND_XATTR)}
-    start = schema.u64(vol_id) + schema.u64(lo_gen + 1)
-    end = schema.u64(vol_id) + schema.u64(hi_gen + 1)
-    cursor = txn.cursor(db=env.born)
-    if not cursor.set_range(start):
-        return out
-    for key, _ in cursor:
-        key = bytes(key)
-        if key >= end:
-            break
-        _vol, _gen, kind, record_key = schema.split_born_key(key)
-        out.setdefault(kind, set()).add(record_key)
-    return out
-
-
 class _Side:
     """One point of the comparison: its chain, inode attributes and paths."""
 
@@ -271,7 +253,7 @@ def compare(txn, env, a: Point, b: Point, chunk_size: int) -> dict:
     """The changes from point a to point b of one volume (either may be the newer)."""
     check_same_volume(a, b)
     side_a, side_b = _Side(txn, env, a), _Side(txn, env, b)
-    keys = changed_keys(txn, env, a.vol_id, min(a.gen, b.gen), max(a.gen, b.gen))
+    keys = snapshots.changed_keys(txn, env, a.vol_id, min(a.gen, b.gen), max(a.gen, b.gen))
     dentries, content = _changed_records(keys, side_a, side_b)
     changes = _link_changes(dentries, side_a, side_b, content, chunk_size)
     renamed = {c["ino"] for c in changes if c["change"] == "renamed"}   # carry their details
@@ -309,7 +291,7 @@ def _changed_records(keys: dict, side_a: _Side, side_b: _Side):
             content[schema.read_u64(record_key)]["chunks"].add(schema.chunk_index_of(record_key))
     for record_key in keys[schema.KIND_XATTR]:
         if side_a.get(schema.KIND_XATTR, record_key) != side_b.get(schema.KIND_XATTR, record_key):
-            content[schema.read_u64(record_key)]["xattrs"].add(record_key[8:-1])
+            content[schema.read_u64(record_key)]["xattrs"].add(schema.xattr_name(record_key))
     return sorted(dentries), content
 
 

@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 import lmdb
 import xxhash
 
-from . import catalog, diff, schema, snapshots, volumes
+from . import catalog, schema, snapshots, volumes
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def changed_since(txn, env, chain, base_vol_id: int, base_gen: int) -> dict:
     keys: dict = {}
     for vol_id, max_gen in chain:
         lo_gen = base_gen if vol_id == base_vol_id else 0
-        for kind, found in diff.changed_keys(txn, env, vol_id, lo_gen, max_gen).items():
+        for kind, found in snapshots.changed_keys(txn, env, vol_id, lo_gen, max_gen).items():
             keys.setdefault(kind, set()).update(found)
         if vol_id == base_vol_id:
             return keys

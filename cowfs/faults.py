@@ -14,9 +14,11 @@ real `PackStore` and `point` is a dictionary lookup that finds nothing.
     appends are coalesced), not one per chunk.
 ``pack_sync=ERRNO@N``
     The N-th pack fdatasync fails with ERRNO (the fsyncgate case).
-``pack_sync_delay=MS``
-    Every pack fdatasync takes MS milliseconds longer (a slow disk), so a
-    test can act while a flush is in flight.
+``log_write=ERRNO@N``, ``log_sync=ERRNO@N``
+    The same for the N-th write or fdatasync of a volume's intent log.
+``pack_sync_delay=MS``, ``log_sync_delay=MS``
+    Every pack (intent log) fdatasync takes MS milliseconds longer (a slow
+    disk), so a test can act while a flush is in flight.
 ``crash=POINT@N``
     The N-th time the process reaches POINT it ends at once with
     ``os._exit(CRASH_EXIT_STATUS)``, like a power cut of that process (no
@@ -26,7 +28,8 @@ real `PackStore` and `point` is a dictionary lookup that finds nothing.
     up first, then arm the fault by creating the file.
 
 The fakes wrap the *operating-system call* (`PackWriter._pwritev` and
-`PackWriter._fdatasync`), never the logic under test.
+`PackWriter._fdatasync`, `LogWriter._pwritev` and `LogWriter._fdatasync`
+through `os_call`), never the logic under test.
 """
 
 import errno
@@ -42,8 +45,13 @@ CRASH_EXIT_STATUS = 86
 POINTS = {
     "pack.written": "chunk entries were written to the pack, not yet synced",
     "pack.synced": "the pack was synced, nothing committed yet",
-    "commit.before": "the LMDB write transaction is complete but not committed",
-    "commit.after": "the LMDB transaction committed, fsync not yet answered",
+    "fold.before": "a fold's LMDB write transaction is complete but not committed",
+    "fold.after": "a fold's LMDB transaction committed, its fsyncs not yet answered",
+    "commit.before": "a change's (namespace, truncate, snapshot) transaction is complete, not committed",
+    "commit.after": "a change's transaction committed, not yet answered",
+    "log.written": "a batch of intent-log records was written, not yet synced",
+    "log.synced": "the intent log was synced, the fsyncs not yet answered",
+    "replay.middle": "a replay staged the logged chunks, its commit not yet made",
     "gc.copied": "gc copied live chunks to a new pack and synced it, nothing committed",
     "gc.moved": "gc committed the new chunk locations, the old pack still exists",
     "gc.dropping": "gc committed the removal of an empty pack's statistics, file not unlinked",
@@ -62,6 +70,7 @@ class Plan:
         self.crashes: dict[str, int] = {}               # point -> nth
         self.armed_by: Optional[str] = None
         self.sync_delay_s = 0.0
+        self.log_sync_delay_s = 0.0
         self.calls: dict[str, int] = {}
         for item in filter(None, (part.strip() for part in spec.split(","))):
             self._parse(item)
@@ -74,9 +83,12 @@ class Plan:
         if key == "pack_sync_delay":
             self.sync_delay_s = int(value) / 1000
             return
+        if key == "log_sync_delay":
+            self.log_sync_delay_s = int(value) / 1000
+            return
         what, _, nth = value.partition("@")
         nth_call = int(nth or "1")
-        if key in ("pack_write", "pack_sync"):
+        if key in ("pack_write", "pack_sync", "log_write", "log_sync"):
             self.io[key] = (getattr(errno, what), nth_call)
         elif key == "crash" and what in POINTS:
             self.crashes[what] = nth_call
@@ -114,6 +126,16 @@ def point(point_name: str) -> None:
     """A named step of a write path where a test may crash the process."""
     if _plan is not None:
         _plan.reach(point_name)
+
+
+def os_call(name: str) -> None:
+    """Before a real operating-system call named `name` ("log_write",
+    "log_sync"): fails it, or delays a sync, as planned."""
+    if _plan is not None:
+        _plan.io_call(name)
+        if (name == "log_sync" and _plan.log_sync_delay_s
+                and (_plan.armed_by is None or os.path.exists(_plan.armed_by))):
+            time.sleep(_plan.log_sync_delay_s)
 
 
 def pack_store(packs_dir: str) -> PackStore:

@@ -11,7 +11,7 @@ import stat
 
 import lmdb
 
-from . import catalog, schema
+from . import catalog, digest, intent_log, log_replay, schema
 from .errors import StoreError
 from .store import Store
 
@@ -26,17 +26,19 @@ class Report:
         self.problems.append(problem)
 
 
-def check(store: Store, verify_data: bool = False) -> Report:
+def check(store: Store, verify_data: bool = False, progress=None) -> Report:
+    """`progress(done_bytes, total_bytes)` is called while --verify-data reads chunks."""
     report = Report()
     env = store.env
     with env.begin() as txn:
         vols = _check_volumes(txn, env, report)
         refs = _check_records(txn, env, vols, report)
         _check_born_log(txn, env, report)
-        _check_chunks(txn, store, refs, verify_data, report)
+        _check_chunks(txn, store, refs, verify_data, report, progress if verify_data else None)
         _name_damaged_users(txn, env, report)
         _check_snapshots(txn, env, vols, report)
         _check_holds_and_policies(txn, env, vols, report)
+        _check_log_states(txn, env, vols, report)
         _check_digests(txn, env, verify_data, report)
         for vol_id, record in vols.items():
             try:
@@ -85,14 +87,14 @@ def _check_chain(vols: dict, vol_id: int, record: dict, report: Report) -> None:
 
 def _check_snapshots(txn, env, vols: dict, report: Report) -> None:
     for key, raw in txn.cursor(db=env.snapshots):
-        vol_id, gen = schema.read_u64(bytes(key)), schema.read_u64(bytes(key), 8)
+        vol_id, gen = schema.split_vol_gen_key(bytes(key))
         vol = vols.get(vol_id)
         if vol is None:
             report.add(f"snapshot at generation {gen} belongs to missing volume id {vol_id}")
         elif gen >= vol["head_gen"]:
             report.add(f"volume {vol['name']}: snapshot generation {gen} is not older than the head")
     for key, raw in txn.cursor(db=env.snapnames):
-        vol_id, name = schema.read_u64(bytes(key)), bytes(key)[8:].decode(errors="replace")
+        vol_id, name = schema.split_snapname_key(bytes(key))
         if txn.get(schema.snapshot_key(vol_id, schema.read_u64(bytes(raw))), db=env.snapshots) is None:
             report.add(f"snapshot name {name!r} of volume id {vol_id} points at no snapshot")
 
@@ -100,7 +102,7 @@ def _check_snapshots(txn, env, vols: dict, report: Report) -> None:
 def _check_holds_and_policies(txn, env, vols: dict, report: Report) -> None:
     """A hold must name a snapshot, a policy a volume: else destroy and pruning misjudge them."""
     for key, _raw in txn.cursor(db=env.holds):
-        vol_id, gen = schema.read_u64(bytes(key)), schema.read_u64(bytes(key), 8)
+        vol_id, gen = schema.split_vol_gen_key(bytes(key))
         if txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots) is None:
             report.add(f"hold on generation {gen} of volume id {vol_id} names no snapshot")
     for key, _raw in txn.cursor(db=env.policies):
@@ -109,10 +111,25 @@ def _check_holds_and_policies(txn, env, vols: dict, report: Report) -> None:
             report.add(f"snapshot policy of missing volume id {vol_id}")
 
 
+def _check_log_states(txn, env, vols: dict, report: Report) -> None:
+    """An intent-log state or fence must belong to a volume, and a state must
+    point where replay can start (else a replay would read from nowhere)."""
+    for key, raw in txn.cursor(db=env.logs):
+        key = bytes(key)
+        vol_id = schema.read_u64(key)
+        if vol_id not in vols:
+            report.add(f"intent-log {'fence' if schema.is_log_fence_key(key) else 'state'} "
+                       f"of missing volume id {vol_id}")
+        elif not schema.is_log_fence_key(key):
+            state = intent_log.LogState.unpack(bytes(raw))
+            if (state.start_offset < intent_log.DATA_START or state.start_offset % intent_log.BLOCK
+                    or state.start_seq > state.next_seq):
+                report.add(f"volume {vols[vol_id]['name']}: intent-log state is impossible ({state})")
+
+
 def _check_digests(txn, env, recompute: bool, report: Report) -> None:
     """A cached content digest names an existing snapshot; with --verify-data it is recomputed
     from the records, trusting no cached value (each volume's history is walked once)."""
-    from . import digest
     fresh: dict = {}
     for key, _raw in txn.cursor(db=env.digests):
         vol_id, gen = schema.read_u64(bytes(key)), schema.read_u64(bytes(key), 8)
@@ -176,10 +193,13 @@ def _check_born_log(txn, env, report: Report) -> None:
 # --- chunks and packs -------------------------------------------------------------------
 
 def _check_chunks(txn, store: Store, refs: collections.Counter, verify_data: bool,
-                  report: Report) -> None:
+                  report: Report, progress=None) -> None:
     env = store.env
     pack_sizes: dict[int, int] = {}
     live = collections.defaultdict(lambda: [0, 0])
+    total_bytes = sum(schema.unpack_pack_stats(bytes(raw))[0] for _k, raw in txn.cursor(db=env.packs)) \
+        if progress else 0
+    done_bytes = 0
     for key, raw in txn.cursor(db=env.chunks):
         chunk_id = bytes(key)
         pack_id, offset, length, refcount = schema.unpack_chunk(bytes(raw))
@@ -190,6 +210,9 @@ def _check_chunks(txn, store: Store, refs: collections.Counter, verify_data: boo
             report.add(f"chunk {chunk_id.hex()}: reference count {refcount}, "
                        f"but {refs.get(chunk_id, 0)} record versions refer to it")
         _check_location(store, pack_sizes, chunk_id, pack_id, offset, length, verify_data, report)
+        if progress:
+            done_bytes += length
+            progress(done_bytes, max(total_bytes, done_bytes))
     for chunk_id, count in refs.items():
         if txn.get(chunk_id, db=env.chunks) is None:
             report.add(f"chunk {chunk_id.hex()}: {count} record versions refer to it, "
@@ -287,8 +310,8 @@ def _check_tree(txn, env, vol_id: int, record: dict, report: Report) -> None:
                                f"but is listed in {dir_ino}")
                 seen_dirs.add(child)
                 todo.append(child)
-    orphans = {schema.read_u64(bytes(k), 8) for k, _ in txn.cursor(db=env.orphans)
-               if bytes(k).startswith(schema.u64(vol_id))}
+    orphans = {schema.split_vol_gen_key(bytes(k))[1] for k, _ in txn.cursor(db=env.orphans)
+               if bytes(k).startswith(schema.vol_prefix(vol_id))}
     for ino, (attrs, target) in inodes.items():
         _check_inode(txn, env, chain, name, ino, attrs, target, links, subdirs, orphans, report)
 
@@ -322,10 +345,13 @@ def _chunk_size(txn, env) -> int:
     return schema.unpack_le_u64(txn.get(b"chunk_size", db=env.meta))
 
 
-def run(store_path: str, verify_data: bool = False) -> Report:
+def run(store_path: str, verify_data: bool = False, progress=None) -> Report:
     store = Store.open(store_path)
     try:
-        return check(store, verify_data)
+        # Like e2fsck replaying a journal: an unmounted volume's log after a
+        # crash holds acknowledged writes the check must see.
+        log_replay.replay_unmounted(store)
+        return check(store, verify_data, progress)
     except lmdb.Error as exc:
         # LMDB has no page checksums: a damaged page shows up as an error
         # (or a wrong value) only when it is read.

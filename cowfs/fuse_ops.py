@@ -7,6 +7,7 @@ theirs, LMDB's map-full becomes ENOSPC, and anything unexpected is logged
 with its traceback and answered with EIO.
 """
 
+import collections
 import errno
 import functools
 import logging
@@ -17,7 +18,8 @@ import pyfuse3
 import trio
 
 from .errors import ChunkDamagedError, ChunkGoneError, FsError
-from .filesystem import Filesystem, Inode
+from .filesystem import Filesystem
+from .inode import Inode
 from .group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,11 @@ _PASSTHROUGH_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 
 
 def _gate(handler):
+    name = handler.__name__
+
     @functools.wraps(handler)
     async def gated(self, *args):
+        self.requests[name] += 1
         try:
             return await handler(self, *args)
         except pyfuse3.FUSEError:
@@ -63,11 +68,16 @@ class FuseOps(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = False
 
-    def __init__(self, fs: Filesystem, committer: GroupCommitter):
+    def __init__(self, fs: Filesystem, committer: GroupCommitter, xattrs: bool = True):
         super().__init__()
         self.fs = fs
         self.committer = committer
+        # Without xattrs every xattr request answers ENOSYS once, and the
+        # kernel asks no more: that saves the GETXATTR security.capability
+        # round trip it makes before every write(2) (see `cowfs mount --no-xattrs`).
+        self.xattrs = xattrs
         self._dir_inos: dict[int, int] = {}    # directory handle -> inode
+        self.requests: collections.Counter = collections.Counter()     # by handler (for `stats`)
 
     def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
         attrs = inode.attrs
@@ -245,12 +255,18 @@ class FuseOps(pyfuse3.Operations):
         out.f_namemax = 255
         return out
 
+    def _check_xattrs(self) -> None:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+
     @_gate
     async def setxattr(self, inode, name, value, ctx):
+        self._check_xattrs()
         self.fs.setxattr(inode, name, value)
 
     @_gate
     async def getxattr(self, inode, name, ctx):
+        self._check_xattrs()
         value = self.fs.xattr_or_none(inode, name)
         if value is None:
             # The common miss (security.capability before each write) answers
@@ -260,8 +276,10 @@ class FuseOps(pyfuse3.Operations):
 
     @_gate
     async def listxattr(self, inode, ctx):
+        self._check_xattrs()
         return self.fs.listxattr(inode)
 
     @_gate
     async def removexattr(self, inode, name, ctx):
+        self._check_xattrs()
         self.fs.removexattr(inode, name)

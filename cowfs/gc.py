@@ -188,8 +188,12 @@ def _fits(store: Store, live_bytes: int, live_chunks: int) -> bool:
     return needed + space.reserve_bytes(st) // 4 <= space.free_bytes(st)
 
 
-def collect(store: Store, min_dead_fraction: float = DEFAULT_MIN_DEAD_FRACTION) -> dict:
-    """One gc pass over every pack no process is appending to (see the module doc)."""
+def collect(store: Store, min_dead_fraction: float = DEFAULT_MIN_DEAD_FRACTION,
+            progress=None) -> dict:
+    """One gc pass over every pack no process is appending to (see the module doc).
+
+    progress(done_bytes, total_bytes), if given, after each pack compacted or
+    punched: bytes of the candidate packs handled so far (by their disk usage)."""
     if not 0.0 <= min_dead_fraction <= 1.0:        # also refuses NaN
         raise UsageError(f"--min-dead {min_dead_fraction} is not a fraction between 0 and 1 "
                          "(e.g. 0.25: compact packs at least a quarter dead)")
@@ -198,7 +202,7 @@ def collect(store: Store, min_dead_fraction: float = DEFAULT_MIN_DEAD_FRACTION) 
     store.packs.space.keep_reserve = False
     try:
         with _gc_lock(store):
-            _collect(store, min_dead_fraction, result)
+            _collect(store, min_dead_fraction, result, progress or (lambda done, total: None))
     except OSError as exc:
         raise StoreIOError(f"gc of {store.path} failed: {exc}; nothing committed was lost, "
                            "run 'cowfs fsck' and gc again") from exc
@@ -222,7 +226,7 @@ def _gc_lock(store: Store):
         os.close(fd)
 
 
-def _collect(store: Store, min_dead_fraction: float, result: dict) -> None:
+def _collect(store: Store, min_dead_fraction: float, result: dict, progress) -> None:
     candidates = []
     for pack_id in store.packs.pack_ids():
         disk_bytes = store.packs.disk_bytes(pack_id)
@@ -244,7 +248,11 @@ def _collect(store: Store, min_dead_fraction: float, result: dict) -> None:
         return
     live = _live_entries(store, {pack_id for _fraction, pack_id in candidates})
     synced = False
+    sizes = {pack_id: store.packs.disk_bytes(pack_id) for _fraction, pack_id in candidates}
+    total, done_bytes = sum(sizes.values()), 0
     for _fraction, pack_id in sorted(candidates, reverse=True):
+        progress(done_bytes, total)
+        done_bytes += sizes[pack_id]
         live_bytes, live_chunks = _pack_stats(store, pack_id)
         if _fits(store, live_bytes, live_chunks):
             done = _unless_busy(store, pack_id, lambda fd: _compact_and_drop(store, pack_id, live[pack_id]))
@@ -264,6 +272,7 @@ def _collect(store: Store, min_dead_fraction: float, result: dict) -> None:
             result["bytes_punched"] += punched
         elif punched is not None and not _fits(store, live_bytes, live_chunks):
             result["packs_skipped_no_space"] += 1
+    progress(done_bytes, total)
 
 
 def _unless_busy(store: Store, pack_id: int, action):

@@ -29,7 +29,8 @@ from typing import Optional
 import trio
 
 from .errors import FsError
-from .filesystem import Filesystem, FlushJob
+from .filesystem import Filesystem
+from .flush_job import FlushJob
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class GroupCommitter:
         # Inodes the next flush must take; None: every buffered write.
         self._wanted: Optional[set[int]] = set()
         self.requests = 0                 # sync() calls (for `stats`)
+        self.log_syncs = 0                # of them answered by the intent log
         fs.background_flush = self.flush_in_background
 
     def flush_in_background(self) -> None:
@@ -70,8 +72,23 @@ class GroupCommitter:
 
     async def sync(self, ino: Optional[int] = None) -> None:
         """Return once the writes to `ino` (None: to every file) acknowledged
-        before the call, and every namespace change, are durable."""
+        before the call, and every namespace change, are durable.
+
+        With an intent log, an fsync of a file is one record in the log (one
+        device flush, shared with the fsyncs that come meanwhile), never
+        waiting behind a fold; when the log cannot take it (full, or a very
+        large record) a fold of every file covers it instead."""
         self.requests += 1
+        if ino is not None and self.fs.log is not None:
+            ticket = self.fs.log_sync(ino)
+            if ticket is not None:
+                self.log_syncs += 1
+                await self.fs.log.wait(ticket)
+                return
+            ino = None
+        await self._fold(ino)
+
+    async def _fold(self, ino: Optional[int]) -> None:
         needed = self._started + 1
         self._want(ino)
         while self._finished < needed:

@@ -128,6 +128,11 @@ def auto_name(now_ns: int) -> str:
             + f".{rest_ns // 1_000_000:03d}Z")
 
 
+def fmt_utc(ns: int) -> str:
+    """A time as shown to people: '2026-11-22T19:35:00Z'."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
+
+
 def tick_interval_s(policy: Optional[Policy]) -> float:
     """How often the scheduler looks: often enough that a snapshot is never late by
     more than a quarter of its period, and at least once a second so that policy

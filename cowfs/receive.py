@@ -40,7 +40,7 @@ from typing import BinaryIO, Optional
 
 import lmdb
 
-from . import catalog, digest, faults, schema, snapshots, volumes
+from . import catalog, digest, faults, log_replay, schema, snapshots, volumes
 from .chunks import chunk_id_of
 from .errors import BusyError, CowfsError, ExistsError, NotFoundError, StoreIOError, StreamError, UsageError
 from .gc import _drop_if_empty
@@ -132,8 +132,10 @@ def _into_existing(store: Store, target: Target, header: dict) -> None:
         target.locks.append(store.lock_volume(target.vol_id, name, "cowfs receive"))
     except BusyError:
         raise BusyError(f"volume {name} is mounted; unmount it before receiving into it") from None
-    # The head is read and written here: once the intent log (issue 14) exists,
-    # the unmounted volume's log is replayed at this point, with the lock held.
+    # The head is read and written: what its intent log still holds goes in first
+    # (the CLI replayed every unmounted volume already; this closes the gap since).
+    if log_replay.needs_replay(store, target.vol_id):
+        log_replay.replay(store, target.vol_id)
     with env.begin() as txn:
         if txn.get(schema.snapname_key(target.vol_id, snap), db=env.snapnames) is not None:
             raise ExistsError(f"volume {name} already has a snapshot {snap!r}: this stream was "

@@ -9,6 +9,7 @@ Store layout on disk::
 
     STORE/meta/     LMDB environment (data.mdb, lock.mdb)
     STORE/packs/    append-only pack files  <pack_id:08x>.pack
+    STORE/logs/     intent logs, one per volume mounted read-write  vol-<vol_id>.log
     STORE/run/      per-volume lock files, daemon info, logs (mode 0700)
 
 Sub-databases (name: key -> value):
@@ -53,6 +54,15 @@ Sub-databases (name: key -> value):
                 keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly
                 u32 each (0 = rule not used). The daemon mounting the volume
                 re-reads it every tick, so a change needs no remount.
+``logs``        The intent log of each volume (see `intent_log`):
+                vol_id u64               -> LogState: epoch u64, next_seq u64,
+                    start_offset u64, start_seq u64 (LE): replay reads the
+                    volume's log file from start_offset, expecting records of
+                    this epoch numbered start_seq, start_seq + 1, ...
+                vol_id u64 | ino u64     -> fence u64 LE: the newest seq whose
+                    changes to this inode are in LMDB already (a truncate
+                    committed past the log); replay skips records at or below.
+                Deleted with the volume.
 ``paths``       Reverse path index of volume heads, kept by `diff` (a cache:
                 dropping it loses nothing, the next diff rebuilds it).
                 vol_id u64 | b"G"                                -> gen u64
@@ -82,7 +92,11 @@ import struct
 
 import lmdb
 
-FORMAT_VERSION = 1
+# 2: the intent log (``logs``, STORE/logs/). A format-1 store is read as it
+# is and becomes format 2 when a volume of it is first mounted read-write,
+# so that an older cowfs, which would not replay a log, refuses it.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 DEFAULT_CHUNK_SIZE = 8192
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 1 << 20
@@ -96,7 +110,7 @@ MAX_GEN = (1 << 64) - 1
 
 DB_NAMES = ("meta", "volumes", "volnames", "snapshots", "snapnames",
             "records", "born", "chunks", "packs", "orphans",
-            "holds", "policies", "paths", "digests")
+            "holds", "policies", "paths", "logs", "digests")
 
 KIND_INODE = b"I"
 KIND_DENTRY = b"D"
@@ -129,6 +143,7 @@ _PACK = struct.Struct("<QQ")           # live_bytes live_chunks
 _LE_U64 = struct.Struct("<Q")
 _POLICY = struct.Struct("<QIIIII")   # every_s keep_last keep_hourly keep_daily keep_weekly keep_monthly
 _HOLD = struct.Struct("<q")          # created_ns, then the reason
+_LOG_STATE = struct.Struct("<QQQQ")  # epoch next_seq start_offset start_seq
 
 
 def u64(value: int) -> bytes:
@@ -173,6 +188,10 @@ def xattr_key(ino: int, name: bytes) -> bytes:
     return _U64.pack(ino) + name + b"\x00"
 
 
+def xattr_name(record_key: bytes) -> bytes:
+    return record_key[8:-1]
+
+
 def versioned_key(vol_id: int, kind: bytes, record_key: bytes, gen: int) -> bytes:
     return _U64.pack(vol_id) + kind + record_key + inv_gen(gen)
 
@@ -192,6 +211,25 @@ def born_key(vol_id: int, gen: int, kind: bytes, record_key: bytes) -> bytes:
 
 def split_born_key(raw: bytes) -> tuple[int, int, bytes, bytes]:
     return (_U64.unpack_from(raw, 0)[0], _U64.unpack_from(raw, 8)[0], raw[16:17], raw[17:])
+
+
+def born_range(vol_id: int, lo_gen: int, hi_gen: int) -> tuple[bytes, bytes]:
+    """[start, end) of the ``born`` keys of versions born in (lo_gen, hi_gen]."""
+    return _U64.pack(vol_id) + _U64.pack(lo_gen + 1), _U64.pack(vol_id) + _U64.pack(hi_gen + 1)
+
+
+def vol_prefix(vol_id: int) -> bytes:
+    """Every key of one volume in the sub-databases keyed by vol_id first."""
+    return _U64.pack(vol_id)
+
+
+def split_vol_gen_key(raw: bytes) -> tuple[int, int]:
+    """(vol_id, gen) of a ``snapshots`` or ``holds`` key; (vol_id, ino) of an ``orphans`` key."""
+    return _U64.unpack_from(raw, 0)[0], _U64.unpack_from(raw, 8)[0]
+
+
+def split_snapname_key(raw: bytes) -> tuple[int, str]:
+    return _U64.unpack_from(raw, 0)[0], bytes(raw[8:]).decode(errors="replace")
 
 
 def orphan_key(vol_id: int, ino: int) -> bytes:
@@ -216,6 +254,23 @@ def hold_key(vol_id: int, gen: int) -> bytes:
 
 def policy_key(vol_id: int) -> bytes:
     return _U64.pack(vol_id)
+
+
+def log_state_key(vol_id: int) -> bytes:
+    return _U64.pack(vol_id)
+
+
+def log_fence_key(vol_id: int, ino: int) -> bytes:
+    return _U64.pack(vol_id) + _U64.pack(ino)
+
+
+def log_prefix(vol_id: int) -> bytes:
+    """Every ``logs`` key of a volume (its state and its fences) starts so."""
+    return _U64.pack(vol_id)
+
+
+def is_log_fence_key(raw: bytes) -> bool:
+    return len(raw) == 16
 
 
 def paths_gen_key(vol_id: int) -> bytes:
@@ -319,6 +374,14 @@ def pack_pack_stats(live_bytes: int, live_chunks: int) -> bytes:
 
 def unpack_pack_stats(raw: bytes) -> tuple[int, int]:
     return _PACK.unpack(raw)
+
+
+def pack_log_state(epoch: int, next_seq: int, start_offset: int, start_seq: int) -> bytes:
+    return _LOG_STATE.pack(epoch, next_seq, start_offset, start_seq)
+
+
+def unpack_log_state(raw: bytes) -> tuple[int, int, int, int]:
+    return _LOG_STATE.unpack(raw)
 
 
 def pack_le_u64(value: int) -> bytes:

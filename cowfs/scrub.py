@@ -18,6 +18,9 @@ is reported with the file path, resolved as `diff` does.
 """
 
 import collections
+import json
+import os
+import time
 from typing import Callable, Optional
 
 from . import catalog, schema, volumes
@@ -46,7 +49,9 @@ def scrub(store: Store, progress: Optional[Progress] = None) -> dict:
             progress(done_bytes, max(total_bytes, done_bytes), done_chunks, max(total_chunks, done_chunks))
     if damaged:
         _attach_references(store, damaged)
-    return dict(chunks=done_chunks, bytes=done_bytes, damaged=damaged)
+    report = dict(chunks=done_chunks, bytes=done_bytes, damaged=damaged)
+    save_last(store, report)
+    return report
 
 
 def _totals(store: Store) -> tuple[int, int]:
@@ -106,6 +111,31 @@ def _verify_current(store: Store, chunk_id: bytes, pack_id: int, offset: int, le
     if now != (pack_id, offset, length):
         return _verify(store, chunk_id, *now)
     return problem
+
+
+# --- the last result, for `cowfs metrics` and `cowfs status` -----------------------------------
+
+def _last_path(store: Store) -> str:
+    return os.path.join(store.run_dir, "scrub-last.json")
+
+
+def save_last(store: Store, report: dict) -> None:
+    """Keep the outcome of a finished scrub (counts, not the damage list)."""
+    summary = dict(finished_ns=time.time_ns(), chunks=report["chunks"], bytes=report["bytes"],
+                   damaged=len(report["damaged"]))
+    tmp = _last_path(store) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f)
+    os.replace(tmp, _last_path(store))
+
+
+def last(store: Store) -> Optional[dict]:
+    """The last finished scrub of the store, or None if it was never scrubbed."""
+    try:
+        with open(_last_path(store)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 # --- who refers to the damage ------------------------------------------------------------------

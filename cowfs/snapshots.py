@@ -52,14 +52,14 @@ def snapshot_gen(txn, env, vol_id: int, vol_name: str, snap: str) -> int:
 
 def snapshots_of(txn, env, vol_id: int) -> list[tuple[int, dict]]:
     """(gen, record) of every snapshot of a volume, oldest first, hidden ones included."""
-    prefix = schema.u64(vol_id)
+    prefix = schema.vol_prefix(vol_id)
     out = []
     cursor = txn.cursor(db=env.snapshots)
     if cursor.set_range(prefix):
         for key, raw in cursor:
             if not bytes(key).startswith(prefix):
                 break
-            out.append((schema.read_u64(bytes(key), 8), schema.unpack_snapshot(bytes(raw))))
+            out.append((schema.split_vol_gen_key(bytes(key))[1], schema.unpack_snapshot(bytes(raw))))
     return out
 
 
@@ -82,6 +82,16 @@ def kept_points(txn, env, vol_id: int) -> list[int]:
 
 
 # --- creating -----------------------------------------------------------------------------
+
+def unique_name(txn, env, vol_id: int, base: str) -> str:
+    """`base`, or `base-2`, `base-3`... if taken: the one way cowfs names a
+    snapshot it makes by itself (scheduled, before a clone, before a rollback)."""
+    name, n = base, 1
+    while txn.get(schema.snapname_key(vol_id, name), db=env.snapnames) is not None:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
 
 def take(txn, env, vol_id: int, name: str, created_ns: Optional[int] = None, flags: int = 0) -> int:
     """Record the head as snapshot `name` and move the head on; returns the snapshot gen.
@@ -126,20 +136,19 @@ def hold_of(txn, env, vol_id: int, gen: int) -> Optional[dict]:
     return None if raw is None else schema.unpack_hold(bytes(raw))
 
 
-def hold(txn, env, vol_id: int, vol_name: str, snap: str, reason: str) -> str:
+def hold(txn, env, vol_id: int, vol_name: str, snap: str, reason: str) -> dict:
+    """Hold a snapshot; {"target", "reason", "was_held"}."""
     gen = snapshot_gen(txn, env, vol_id, vol_name, snap)
     previous = hold_of(txn, env, vol_id, gen)
     txn.put(schema.hold_key(vol_id, gen), schema.pack_hold(time.time_ns(), reason), db=env.holds)
-    if previous is not None:
-        return f"snapshot {vol_name}@{snap} was already held; reason now: {reason or '(none)'}"
-    return f"snapshot {vol_name}@{snap} is held; it cannot be destroyed or pruned until released"
+    return dict(target=f"{vol_name}@{snap}", reason=reason, was_held=previous is not None)
 
 
-def release(txn, env, vol_id: int, vol_name: str, snap: str) -> str:
+def release(txn, env, vol_id: int, vol_name: str, snap: str) -> dict:
     gen = snapshot_gen(txn, env, vol_id, vol_name, snap)
     if not txn.delete(schema.hold_key(vol_id, gen), db=env.holds):
         raise NotFoundError(f"snapshot {vol_name}@{snap} is not held; nothing to release")
-    return f"released snapshot {vol_name}@{snap}"
+    return dict(target=f"{vol_name}@{snap}")
 
 
 def _refuse_if_held(txn, env, vol_id: int, gen: int, target: str) -> None:
@@ -156,7 +165,7 @@ def _dead_versions(txn, env, vol_id: int, lo: int, hi: int, next_point: Optional
     """Versions born in (lo, hi] that no point >= next_point can see."""
     cursor = txn.cursor(db=env.records)
     born = txn.cursor(db=env.born)
-    start, end = schema.u64(vol_id) + schema.u64(lo + 1), schema.u64(vol_id) + schema.u64(hi + 1)
+    start, end = schema.born_range(vol_id, lo, hi)
     if not born.set_range(start):
         return
     for key, _ in born:
@@ -195,7 +204,7 @@ def _dead_for_point(txn, env, vol_id: int, gen: int):
 
 
 def _all_versions(txn, env, vol_id: int):
-    prefix = schema.u64(vol_id)
+    prefix = schema.vol_prefix(vol_id)
     cursor = txn.cursor(db=env.records)
     if not cursor.set_range(prefix):
         return
@@ -259,8 +268,10 @@ def _has_dependents(txn, env, vol_id: int) -> bool:
     return any(dependents(txn, env, vol_id, gen) for gen, _ in snapshots_of(txn, env, vol_id))
 
 
-def destroy_snapshot(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> str:
-    """Remove a snapshot; a snapshot clones depend on only loses its name."""
+def destroy_snapshot(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> dict:
+    """Remove a snapshot; a snapshot clones depend on only loses its name.
+
+    Returns {"target", "kept_for"}: the clones whose data stays (empty: all freed)."""
     gen = snapshot_gen(txn, env, vol_id, vol_name, snap)
     _refuse_if_held(txn, env, vol_id, gen, f"{vol_name}@{snap}")
     holders = dependents(txn, env, vol_id, gen)
@@ -269,16 +280,17 @@ def destroy_snapshot(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> 
         record = schema.unpack_snapshot(txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots))
         txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(record["created_ns"], ""),
                 db=env.snapshots)
-        return f"snapshot {vol_name}@{snap} removed from the list; its data stays for clone(s) " \
-               f"{', '.join(holders)}"
+        return dict(target=f"{vol_name}@{snap}", kept_for=holders)
     _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, gen)), batch)
     _delete_snapshot_record(txn, env, vol_id, gen)
     _collect_hidden(txn, env, vol_id, batch)
-    return f"destroyed snapshot {vol_name}@{snap}"
+    return dict(target=f"{vol_name}@{snap}", kept_for=[])
 
 
-def destroy_volume(txn, env, vol_id: int, name: str, batch) -> str:
-    """Remove a volume and its snapshots; what its clones need stays, unnamed."""
+def destroy_volume(txn, env, vol_id: int, name: str, batch) -> dict:
+    """Remove a volume and its snapshots; what its clones need stays, unnamed.
+
+    Returns {"target", "kept_for"}: the clones whose data stays."""
     record = volumes.volume_record(txn, env, vol_id)
     for gen, snap in snapshots_of(txn, env, vol_id):
         _refuse_if_held(txn, env, vol_id, gen, f"{name}@{snap['name']}")
@@ -286,7 +298,7 @@ def destroy_volume(txn, env, vol_id: int, name: str, batch) -> str:
     _forget_lifecycle(txn, env, vol_id)
     if not _has_dependents(txn, env, vol_id):
         _remove_volume(txn, env, vol_id, batch)
-        return f"destroyed volume {name}"
+        return dict(target=name, kept_for=[])
     _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, record["head_gen"])), batch)
     record["flags"] |= FLAG_HIDDEN
     record["name"] = f"{name}~destroyed-{vol_id}"
@@ -302,7 +314,7 @@ def destroy_volume(txn, env, vol_id: int, name: str, batch) -> str:
         else:
             _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, gen)), batch)
             _delete_snapshot_record(txn, env, vol_id, gen)
-    return f"destroyed volume {name}; the data clone(s) {', '.join(sorted(set(kept)))} need stays"
+    return dict(target=name, kept_for=sorted(set(kept)))
 
 
 def _delete_snapshot_record(txn, env, vol_id: int, gen: int) -> None:
@@ -314,7 +326,8 @@ def _delete_snapshot_record(txn, env, vol_id: int, gen: int) -> None:
 def _forget_lifecycle(txn, env, vol_id: int) -> None:
     """A destroyed volume takes no more scheduled snapshots and needs no path index."""
     txn.delete(schema.policy_key(vol_id), db=env.policies)
-    _delete_prefix(txn, env.paths, schema.u64(vol_id))
+    _delete_prefix(txn, env.paths, schema.vol_prefix(vol_id))
+    _delete_prefix(txn, env.logs, schema.log_prefix(vol_id))
 
 
 def _remove_volume(txn, env, vol_id: int, batch) -> None:
@@ -325,8 +338,8 @@ def _remove_volume(txn, env, vol_id: int, batch) -> None:
         _delete_snapshot_record(txn, env, vol_id, gen)
         if snap["name"]:
             txn.delete(schema.snapname_key(vol_id, snap["name"]), db=env.snapnames)
-    _delete_prefix(txn, env.orphans, schema.u64(vol_id))
-    _delete_prefix(txn, env.holds, schema.u64(vol_id))
+    _delete_prefix(txn, env.orphans, schema.vol_prefix(vol_id))
+    _delete_prefix(txn, env.holds, schema.vol_prefix(vol_id))
     _forget_lifecycle(txn, env, vol_id)
     txn.delete(schema.u64(vol_id), db=env.volumes)
     parent_id, parent_gen = record["parent_vol_id"], record["parent_gen"]
@@ -364,12 +377,12 @@ def _delete_prefix(txn, db, prefix: bytes) -> None:
 
 # --- rollback and rename ----------------------------------------------------------------------
 
-def rollback(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> str:
-    """Make the head read as snapshot `snap`; the state before is kept as a snapshot."""
+def rollback(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> dict:
+    """Make the head read as snapshot `snap`; the state before is kept as a snapshot.
+
+    Returns {"volume", "snapshot", "undo"}: undo is the snapshot of the state before."""
     target_gen = snapshot_gen(txn, env, vol_id, vol_name, snap)
-    undo_name = time.strftime("pre-rollback-%Y%m%dT%H%M%SZ", time.gmtime())
-    while txn.get(schema.snapname_key(vol_id, undo_name), db=env.snapnames) is not None:
-        undo_name += "x"
+    undo_name = unique_name(txn, env, vol_id, time.strftime("pre-rollback-%Y%m%dT%H%M%SZ", time.gmtime()))
     old_head = take(txn, env, vol_id, undo_name)
     head_chain = catalog.volume_chain(txn, env, vol_id)
     target_chain = catalog.volume_chain(txn, env, vol_id, target_gen)
@@ -385,8 +398,8 @@ def rollback(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> str:
                 batch.ref(payload)
         if old is not None and kind == schema.KIND_CHUNK:
             batch.unref(old)
-    _delete_prefix(txn, env.orphans, schema.u64(vol_id))
-    return f"volume {vol_name} rolled back to @{snap}; the state before is snapshot {vol_name}@{undo_name}"
+    _delete_prefix(txn, env.orphans, schema.vol_prefix(vol_id))
+    return dict(volume=vol_name, snapshot=snap, undo=undo_name)
 
 
 def rename_volume(txn, env, old: str, new: str) -> None:
@@ -431,7 +444,7 @@ def written_bytes(txn, env, vol_id: int, lo: int, hi: int) -> int:
     """Chunk bytes of chunk-map versions born in (lo, hi]: what was written in between."""
     total = 0
     born = txn.cursor(db=env.born)
-    start, end = schema.u64(vol_id) + schema.u64(lo + 1), schema.u64(vol_id) + schema.u64(hi + 1)
+    start, end = schema.born_range(vol_id, lo, hi)
     if not born.set_range(start):
         return 0
     for key, _ in born:
@@ -446,3 +459,20 @@ def written_bytes(txn, env, vol_id: int, lo: int, hi: int) -> int:
             entry = txn.get(bytes(raw[1:]), db=env.chunks)
             total += schema.unpack_chunk(entry)[2]
     return total
+
+
+def changed_keys(txn, env, vol_id: int, lo_gen: int, hi_gen: int) -> dict[bytes, set]:
+    """Record keys of a volume with a version born in (lo_gen, hi_gen], per kind."""
+    out = {kind: set() for kind in (schema.KIND_INODE, schema.KIND_DENTRY, schema.KIND_CHUNK,
+                                    schema.KIND_XATTR)}
+    start, end = schema.born_range(vol_id, lo_gen, hi_gen)
+    cursor = txn.cursor(db=env.born)
+    if not cursor.set_range(start):
+        return out
+    for key, _ in cursor:
+        key = bytes(key)
+        if key >= end:
+            break
+        _vol, _gen, kind, record_key = schema.split_born_key(key)
+        out.setdefault(kind, set()).add(record_key)
+    return out

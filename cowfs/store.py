@@ -8,7 +8,6 @@ import fcntl
 import os
 import time
 import uuid
-from typing import Optional
 
 import lmdb
 
@@ -39,6 +38,29 @@ class Store:
     def run_dir(self) -> str:
         return os.path.join(self.path, "run")
 
+    @property
+    def logs_dir(self) -> str:
+        return os.path.join(self.path, "logs")
+
+    def prepare_for_logs(self) -> None:
+        """Before a volume's intent log is first used: STORE/logs/ exists, and
+        a format-1 store becomes format 2, durably, so that an older cowfs
+        (which would not replay a log) refuses it from now on."""
+        if not os.path.isdir(self.logs_dir):
+            os.makedirs(self.logs_dir, mode=0o700, exist_ok=True)
+            fsync_dir(self.path)
+        with self.env.begin() as txn:
+            version = txn.get(b"format_version", db=self.env.meta)
+        if version != str(schema.FORMAT_VERSION).encode():
+            with self.env.begin(write=True) as txn:
+                txn.put(b"format_version", str(schema.FORMAT_VERSION).encode(), db=self.env.meta)
+            self.env.lmdb.sync(True)
+
+    @property
+    def uuid(self) -> bytes:
+        with self.env.begin() as txn:
+            return bytes(txn.get(b"store_uuid", db=self.env.meta) or bytes(16))
+
     # --- creating and opening ----------------------------------------------------
 
     @classmethod
@@ -55,7 +77,7 @@ class Store:
         if not os.path.isdir(parent):
             raise NotFoundError(f"parent directory {parent} does not exist; create it first")
         os.makedirs(path, mode=0o700, exist_ok=True)
-        for sub in ("meta", "packs", "run"):
+        for sub in ("meta", "packs", "run", "logs"):
             os.mkdir(os.path.join(path, sub), 0o700)
         env = schema.Env(os.path.join(path, "meta"), create=True)
         with env.begin(write=True) as txn:
@@ -75,6 +97,9 @@ class Store:
         """Open an existing store; `metasync` False only for the mount daemon (see `schema.Env`)."""
         path = os.path.abspath(path)
         meta_dir = os.path.join(path, "meta")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise StoreError(f"{path} is a file, not a cowfs store (a store is a directory made by "
+                             "'cowfs init')")
         if not os.path.isdir(path):
             raise NotFoundError(f"store {path} does not exist; create it with 'cowfs init {path}'")
         if not os.path.isfile(os.path.join(meta_dir, "data.mdb")):
@@ -99,7 +124,7 @@ class Store:
             env.close()
             raise StoreError(f"store {path} has no format version (interrupted init?); "
                              "remove it and run 'cowfs init' again")
-        if version != str(schema.FORMAT_VERSION).encode():
+        if version not in [str(v).encode() for v in schema.READABLE_FORMAT_VERSIONS]:
             env.close()
             raise StoreError(f"store {path} has format version {version.decode(errors='replace')}, "
                              f"this cowfs reads version {schema.FORMAT_VERSION}; "

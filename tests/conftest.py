@@ -49,3 +49,18 @@ def pg14_bin():
 @pytest.fixture(scope="session")
 def pg16_bin():
     return pg_bin_dir("16")
+
+
+@pytest.fixture(scope="session")
+def pg15_bin():
+    return pg_bin_dir("15")
+
+
+@pytest.fixture(scope="session")
+def pg17_bin():
+    return pg_bin_dir("17")
+
+
+@pytest.fixture(scope="session")
+def pg18_bin():
+    return pg_bin_dir("18")

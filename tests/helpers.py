@@ -34,17 +34,42 @@ def fsck_clean(store: str) -> str:
 
 def mount_entry(mountpoint: str):
     sys.path.insert(0, REPO)
-    from cowfs import daemon
-    return daemon.find_mount(os.path.abspath(mountpoint))
+    from cowfs import mounting
+    return mounting.find_mount(os.path.abspath(mountpoint))
 
 
 def daemon_pid(mountpoint: str) -> int:
-    from cowfs import daemon
+    from cowfs import mounting
     entry = mount_entry(mountpoint)
     assert entry is not None, f"{mountpoint} is not mounted"
-    info = daemon.read_registry(entry["dev"])
+    info = mounting.read_registry(entry["dev"])
     assert info is not None, f"no registry entry for {mountpoint}"
     return info["pid"]
+
+
+def daemon_stats(store: str, volume: str = "main") -> dict:
+    """The `stats` answer of the daemon that mounts `volume`, its `figures`
+    merged in (log_records_total...), and the volume's vol_id."""
+    sys.path.insert(0, REPO)
+    from cowfs import control, volumes
+    from cowfs.store import Store
+    s = Store.open(store)
+    try:
+        with s.env.begin() as txn:
+            vol_id = volumes.volume_id(txn, s.env, volume)
+        answer = control.request(s.run_dir, vol_id, {"op": "stats"})
+        return dict(answer, **answer.get("figures", {}), vol_id=vol_id)
+    finally:
+        s.close()
+
+
+def wait_for_log(store: str, volume: str = "main", timeout_s: float = 60) -> None:
+    """A daemon writes its intent log's zeros in the background at a volume's
+    first mount; until then fsyncs fold. Tests of the log wait for it."""
+    deadline = time.monotonic() + timeout_s
+    while not daemon_stats(store, volume)["log_enabled"]:
+        assert time.monotonic() < deadline, "the intent log never came up"
+        time.sleep(0.02)
 
 
 def wait_gone(pid: int, timeout_s: float = 30) -> None:

@@ -1,10 +1,13 @@
-"""Shared parts of the PostgreSQL workflow tests: a live 14 cluster on a cowfs mount.
+"""Shared parts of the PostgreSQL workflow tests: a live cluster on a cowfs mount, PgBouncer.
 
 `LiveCluster` is what a user has before an upgrade: a store, a volume
-``live`` mounted at ``<workdir>/mnt``, a PostgreSQL 14 cluster in
-``pgdata`` on it, serving on a Unix socket. Teardown stops every server
-and unmounts every mount of the test's store (also those a failed command
-left behind), then checks fsck.
+``live`` mounted at ``<workdir>/mnt``, a PostgreSQL cluster (14 unless
+told otherwise) in ``pgdata`` on it, serving on a Unix socket. Teardown
+stops every server and unmounts every mount of the test's store (also those
+a failed command left behind), then checks fsck.
+
+`Bouncer` is a PgBouncer of the test's own (transaction pooling) in front
+of it, run as the postgres user and stopped by its pid.
 """
 
 import json
@@ -15,8 +18,8 @@ import subprocess
 import threading
 import time
 
-from cowfs import daemon
-from cowfs.pg import PgServer, free_port
+from cowfs import mounting
+from cowfs.pg import PgServer, free_port, pgbouncer
 from helpers import Mount, cowfs, fsck_clean
 
 PGDATA = "pgdata"
@@ -25,32 +28,49 @@ CLIENTS = 2
 BENCH_ROUND_S = 3
 
 
+# What an online cutover needs of the live server (see cowfs/pg/preconditions.py).
+LOGICAL_SETTINGS = {"wal_level": "logical", "max_replication_slots": 10, "max_wal_senders": 10,
+                    "max_prepared_transactions": 2}
+
+
 class LiveCluster:
-    def __init__(self, workdir: str, pg14_bin: str, pg16_bin: str):
-        self.workdir, self.pg14_bin, self.pg16_bin = workdir, pg14_bin, pg16_bin
+    def __init__(self, workdir: str, old_bin: str, new_bin: str, settings: dict = None):
+        self.workdir, self.old_bin, self.new_bin = workdir, old_bin, new_bin
+        self.settings = settings or {}
         self.store = os.path.join(workdir, "store")
         self.mnt = os.path.join(workdir, "mnt")
         self.socket_dir = os.path.join(workdir, "pgrun")
         self.port = free_port()
         self.mount = Mount(self.store, self.mnt, "live")
         self._remove: list = []
-        self.server = PgServer(pg14_bin, os.path.join(self.mnt, PGDATA))
+        self.server = PgServer(old_bin, os.path.join(self.mnt, PGDATA))
 
     def create(self) -> "LiveCluster":
         cowfs("init", self.store)
         cowfs("rename", self.store, "main", "live")
         self.mount.mount()
         self.server.initdb()
+        self.configure(self.settings)
         self.start()
         self.server.pgbench_init(SCALE)
         return self
 
+    def configure(self, settings: dict) -> None:
+        """Append settings to postgresql.conf (the last line of a name wins); take effect at start."""
+        with open(os.path.join(self.server.data_dir, "postgresql.conf"), "a") as f:
+            f.writelines(f"{name} = '{value}'\n" for name, value in settings.items())
+
     def start(self) -> None:
         self.server.start(self.port, self.socket_dir)
 
+    def restart(self, settings: dict) -> None:
+        self.server.stop("fast")
+        self.configure(settings)
+        self.start()
+
     def client(self, bin_dir: str = None) -> PgServer:
-        """A PgServer handle for whatever server now serves MNT/pgdata (14 or 16)."""
-        server = PgServer(bin_dir or self.pg16_bin, os.path.join(self.mnt, PGDATA))
+        """A PgServer handle for whatever server now serves the live endpoint."""
+        server = PgServer(bin_dir or self.new_bin, os.path.join(self.mnt, PGDATA))
         server.port, server.socket_dir = self.port, self.socket_dir
         return server
 
@@ -65,7 +85,7 @@ class LiveCluster:
         for mnt in store_mounts(self.store):
             for dirpath in (os.path.join(mnt, PGDATA),):
                 if os.path.exists(os.path.join(dirpath, "postmaster.pid")):
-                    subprocess.run([os.path.join(self.pg16_bin, "pg_ctl"), "stop", "-D", dirpath,
+                    subprocess.run([os.path.join(self.new_bin, "pg_ctl"), "stop", "-D", dirpath,
                                     "-m", "immediate", "-w"], capture_output=True, user="postgres")
             result = cowfs("umount", mnt, check=False, timeout=120)
             if result.returncode != 0:
@@ -75,19 +95,30 @@ class LiveCluster:
         fsck_clean(self.store)
 
 
+class Bouncer:
+    """Our own PgBouncer (transaction pooling) in front of the live endpoint."""
+
+    def __init__(self, workdir: str, live: LiveCluster):
+        self.directory = os.path.join(workdir, "pgbouncer")
+        self.port = free_port(exclude=(live.port,))
+        self.proc = pgbouncer.start(self.directory, server_socket_dir=live.socket_dir,
+                                    server_port=live.port, port=self.port)
+        self.console = f"host={self.directory} port={self.port} user=postgres"
+
+    def client(self, bin_dir: str) -> PgServer:
+        """psql & co. through PgBouncer (as a client application sees the database)."""
+        server = PgServer(bin_dir, self.directory)
+        server.port, server.socket_dir = self.port, self.directory
+        return server
+
+    def stop(self) -> None:
+        pgbouncer.stop(self.proc)
+
+
 def store_mounts(store: str) -> list:
     """Mount points of every cowfs daemon serving a volume of ``store``."""
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] != daemon.FUSE_TYPE:
-                continue
-            mnt = daemon._unescape(left.split()[4])
-            info = daemon.read_registry(left.split()[2])
-            if info and info.get("store") == os.path.abspath(store):
-                mounts.append(mnt)
-    return mounts
+    return [m["mountpoint"] for m in mounting.cowfs_mounts()
+            if m["registry"] and m["registry"].get("store") == os.path.abspath(store)]
 
 
 def start_ledger_cluster(server: PgServer, socket_dir: str, started: list, scale: int) -> None:

@@ -11,12 +11,15 @@ import contextlib
 import os
 from typing import Optional
 
-from helpers import Mount, cowfs, fsck_clean, wait_gone
+from helpers import Mount, cowfs, fsck_clean, wait_for_log, wait_gone
 from powercut import PowerCutDisk, is_mounted, kill_and_reap, lazy_unmount
 
 # Long enough that no periodic commit runs during a test: every commit is one
 # the test asked for, so counts and crash points are deterministic.
 COMMIT_INTERVAL_S = "3600"
+# A small intent log: its zeros are written through the (slow) power-cut disk
+# at a volume's first mount.
+LOG_SIZE = "4M"
 
 
 class Stack:
@@ -37,10 +40,14 @@ class Stack:
         os.makedirs(mount.path, exist_ok=True)
         self.mounts[volume] = mount                 # registered first: teardown must find it
         env = {**os.environ, "COWFS_FAULTS": faults} if faults else None
+        read_write = "@" not in volume
         cowfs("mount", self.store, mount.path, "--volume", volume,
-              *([] if "@" in volume else ["--commit-interval", COMMIT_INTERVAL_S]), env=env)
+              *(["--commit-interval", COMMIT_INTERVAL_S, "--log-size", LOG_SIZE] if read_write else []),
+              env=env)
         mount.pid = daemon_pid(mount.path)
         assert mount.pid is not None, f"no daemon serves {mount.path} after cowfs mount"
+        if read_write:
+            wait_for_log(self.store, volume)      # fsyncs go to the intent log from now on
         return mount
 
     def umount(self, volume: str = "main") -> None:
@@ -62,10 +69,15 @@ class Stack:
         self.mounts.clear()
         return report
 
-    def power_back(self) -> None:
-        """A fresh disk on the same backing directory; the store must be consistent."""
+    def power_back(self, fsck: bool = True) -> None:
+        """A fresh disk on the same backing directory; the store must be consistent.
+
+        `cowfs fsck` replays the intent logs of unmounted volumes, as an
+        operator's first command would; fsck=False leaves that to the next
+        mount (the daemon replays before it serves)."""
         self.disk.remount()
-        fsck_clean(self.store)
+        if fsck:
+            fsck_clean(self.store)
 
     def close(self) -> None:
         """Teardown, also after failures: every cowfs mount first, then (by the caller) the disk."""

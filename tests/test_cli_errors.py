@@ -282,7 +282,10 @@ def test_missing_or_out_of_range_arguments_are_usage_errors(shared_store, args):
 def test_store_argument_that_is_no_store(workdir, command):
     plain = os.path.join(workdir, "plain")
     os.mkdir(plain)
+    a_file = os.path.join(workdir, "a-file")
+    open(a_file, "w").close()
     extra = ["main@s"] if command in ("snapshot", "destroy", "send", "digest") else []
-    for path, code in ((os.path.join(workdir, "missing"), errors.EXIT_NOT_FOUND), (plain, errors.EXIT_STORE)):
+    for path, code in ((os.path.join(workdir, "missing"), errors.EXIT_NOT_FOUND), (plain, errors.EXIT_STORE),
+                       (a_file, errors.EXIT_STORE)):
         assert_one_line_error(cowfs(command, path, *extra, check=False), code)
     assert os.listdir(plain) == []

@@ -259,6 +259,18 @@ def test_hold_on_a_missing_snapshot(built):
     assert "hold on generation 999" in fsck_problems(built)
 
 
+def test_intent_log_state_of_a_missing_volume(built):
+    with Raw(built) as raw:
+        raw.put("logs", schema.log_state_key(77), schema.pack_log_state(1, 5, 4096, 5))
+    assert "intent-log state of missing volume id 77" in fsck_problems(built)
+
+
+def test_intent_log_state_that_replay_cannot_start_from(built):
+    with Raw(built) as raw:
+        raw.put("logs", schema.log_state_key(vol_id(raw, "main")), schema.pack_log_state(1, 5, 100, 5))
+    assert "intent-log state is impossible" in fsck_problems(built)
+
+
 def test_policy_of_a_missing_volume(built):
     cowfs("policy", built, "c1", "--every", "1h", "--keep", "3")
     fsck_clean(built)

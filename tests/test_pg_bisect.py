@@ -44,7 +44,7 @@ def bisect(cluster: LiveCluster, *extra):
     if os.path.exists(report_path):
         os.unlink(report_path)
     result = cluster.pg("bisect", cluster.store, "live", "--pgdata", PGDATA, "--bin",
-                        cluster.pg14_bin, "--check", CHECK, "--json", report_path, *extra)
+                        cluster.old_bin, "--check", CHECK, "--json", report_path, *extra)
     return result, read_json(report_path) if os.path.exists(report_path) else None
 
 
@@ -84,19 +84,19 @@ def test_bisect_within_from_to_and_edge_ranges(history):
 def test_bisect_bad_input_and_a_check_that_errors(history):
     before = volume_names(history.store)
     assert_one_line_error(history.pg("bisect", history.store, "live", "--pgdata", PGDATA, "--bin",
-                                     history.pg14_bin, "--check", CHECK, "--from", "nosuch"),
+                                     history.old_bin, "--check", CHECK, "--from", "nosuch"),
                           3, "nosuch")
     assert_one_line_error(history.pg("bisect", history.store, "live", "--pgdata", PGDATA, "--bin",
-                                     history.pg14_bin, "--check", CHECK, "--from", "s5", "--to", "s2"),
+                                     history.old_bin, "--check", CHECK, "--from", "s5", "--to", "s2"),
                           2, "no snapshots")
     assert_one_line_error(history.pg("bisect", history.store, "live", "--pgdata", PGDATA, "--bin",
-                                     history.pg14_bin), 2, "--check")
+                                     history.old_bin), 2, "--check")
     result, report = bisect(history, "--from", "s0", "--to", "s0")
     assert result.returncode == 0 and report["servers_started"] == 1
 
     report_path = os.path.join(history.workdir, "error.json")
     result = history.pg("bisect", history.store, "live", "--pgdata", PGDATA, "--bin",
-                        history.pg14_bin, "--check", "SELECT 1/0 = 1", "--json", report_path)
+                        history.old_bin, "--check", "SELECT 1/0 = 1", "--json", report_path)
     assert result.returncode == 1
     report = read_json(report_path)
     history.remove_later(os.path.dirname(report["logs"]))

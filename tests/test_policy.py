@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cowfs import admin, errors, policy, schema, volumes
+from cowfs import admin, errors, policy, schema, scheduling, volumes
 from cowfs.errors import FsError
 from cowfs.filesystem import Filesystem
 from cowfs.store import Store
@@ -104,7 +104,7 @@ def test_calendar_retention_with_injected_clock(store):
         now_ns, end_ns, taken = policy.utc_ns(2026, 1, 1), policy.utc_ns(2026, 3, 1), []
         while now_ns <= end_ns:
             # Ticks every 3 h: only every other one is due.
-            name = admin.run_schedule(s, "main", now_ns)
+            name = scheduling.run_schedule(s, "main", now_ns)
             if name is not None:
                 taken.append(name)
             if now_ns == policy.utc_ns(2026, 1, 2, 12):
@@ -147,7 +147,7 @@ def test_prune_dry_run_shows_exact_bytes_for_the_set(store):
         write_files(store, files)
         s = Store.open(store)
         try:
-            names.append(admin.run_schedule(s, "main", clock + step * 3600 * 10**9))
+            names.append(scheduling.run_schedule(s, "main", clock + step * 3600 * 10**9))
         finally:
             s.close()
     cowfs("snapshot", store, "main@manual")

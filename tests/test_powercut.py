@@ -8,10 +8,10 @@ point of cowfs/faults.py (or keeps running), then the disk's power is cut
 fresh disk comes up: fsck clean, every fsynced byte there, acknowledged
 snapshots there with their exact content, nothing half-done visible.
 
-The crash point lists are the extension points: the intent log of issue 14
-adds ``log.written``, ``log.synced``, ``fold.before``, ``fold.after`` and
-``replay.middle``; append them to the list whose trigger reaches them (or add
-a trigger) and every cut kind runs at them.
+The crash point lists are the extension points, one per trigger: an fsync
+(one intent-log record: ``LOG_POINTS``), a fold of every file (the daemon's
+`flush` request: ``FOLD_POINTS``), a snapshot, gc, and the replay at mount
+(``replay.middle``); every cut kind runs at each.
 
 A seeded random sequence (writes, fsyncs, truncates, renames, unlinks,
 snapshots, clones, gc, cuts) is checked against `powercut_model.Model`.
@@ -30,13 +30,15 @@ import pytest
 
 from cowfs import faults
 from cowfs.packs import fsync_dir
-from helpers import cowfs, fsck_clean
+from helpers import cowfs, daemon_stats, fsck_clean
 from powercut_cowfs import stack_on_disk, fsck_verify_data
 from powercut_model import Model
 from powercut_workers import Writer, records_present, wait_pending
 
-# Crash points reached by an fsync of a file, in path order.
-FSYNC_POINTS = ["pack.written", "pack.synced", "commit.before", "commit.after"]
+# Crash points reached by an fsync of a file (one intent-log record), in path order.
+LOG_POINTS = ["log.written", "log.synced"]
+# Crash points reached by a fold (packs and LMDB), in path order.
+FOLD_POINTS = ["pack.written", "pack.synced", "fold.before", "fold.after"]
 # Crash points reached by a snapshot of a mounted volume.
 SNAPSHOT_POINTS = ["commit.before", "commit.after"]
 # Crash points of a gc pass (its own process, a fully synced environment).
@@ -80,6 +82,14 @@ def fsync_dying(fd: int) -> None:
         os.close(fd)
 
 
+def flush_dying(stack, volume: str = "main") -> None:
+    """A fold of every file through the daemon's `flush` request; the daemon dies in it."""
+    from cowfs import control
+    vol_id = daemon_stats(stack.store, volume)["vol_id"]
+    with pytest.raises(Exception):
+        control.request(os.path.join(stack.store, "run"), vol_id, {"op": "flush"})
+
+
 def armed(stack, point: str) -> tuple:
     """The volume mounted with `point` armed by a file; (mount, arm path)."""
     arm = os.path.join(stack.workdir, "arm")
@@ -89,7 +99,7 @@ def armed(stack, point: str) -> tuple:
 # --- crash points + power cut -------------------------------------------------------------------
 
 @pytest.mark.parametrize("cut", CUTS)
-@pytest.mark.parametrize("point", FSYNC_POINTS)
+@pytest.mark.parametrize("point", LOG_POINTS)
 def test_power_cut_at_each_step_of_fsync_keeps_every_fsynced_byte(stack, point, cut):
     mount, arm = armed(stack, point)
     before, during = os.urandom(300_000), os.urandom(200_000)
@@ -113,19 +123,60 @@ def test_power_cut_at_each_step_of_fsync_keeps_every_fsynced_byte(stack, point, 
     fsck_clean(stack.store)
 
 
-@pytest.mark.parametrize("point", FSYNC_POINTS)
+@pytest.mark.parametrize("cut", CUTS)
+@pytest.mark.parametrize("point", FOLD_POINTS)
+def test_power_cut_at_each_step_of_a_fold_keeps_the_log_and_commits_all_or_nothing(stack, point, cut):
+    """The fold dies, the power goes; the mount after it (no fsck first)
+    replays the log: the fsynced file is there, the buffered one whole or not at all."""
+    mount, arm = armed(stack, point)
+    logged, buffered = os.urandom(200_000), os.urandom(100_000)
+    write(f"{mount.path}/logged", logged)                   # one record, not folded
+    write(f"{mount.path}/buffered", buffered, sync=None)
+    open(arm, "w").close()
+    flush_dying(stack)
+    stack.power_cut(**CUTS[cut])
+    stack.power_back(fsck=False)
+    mount = stack.mount()
+    assert read(f"{mount.path}/logged") == logged
+    assert read(f"{mount.path}/buffered") in (b"", buffered), "a fold is all or nothing"
+    stack.umount()
+    fsck_clean(stack.store)
+
+
+@pytest.mark.parametrize("cut", CUTS)
+def test_power_cut_in_the_middle_of_a_replay_replays_again_and_never_twice(stack, cut):
+    """Records in the log, the power goes; the next mount dies in its replay
+    (chunks staged and synced, nothing committed) and the power goes again;
+    the mount after that replays everything once (fsck counts references)."""
+    mount = stack.mount()
+    files = {f"f{i}": os.urandom(40_000 + i) for i in range(3)}
+    for name, data in files.items():
+        write(f"{mount.path}/{name}", data)
+    stack.power_cut(**CUTS[cut])
+    stack.power_back(fsck=False)
+    with pytest.raises(AssertionError):
+        stack.mount(faults="crash=replay.middle")
+    stack.power_cut(**CUTS[cut])
+    stack.power_back(fsck=False)
+    mount = stack.mount()
+    for name, data in files.items():
+        assert read(f"{mount.path}/{name}") == data, name
+    stack.umount()
+    fsck_clean(stack.store)
+
+
+@pytest.mark.parametrize("point", FOLD_POINTS)
 def test_power_cut_in_the_first_flush_of_a_daemon_leaves_a_writable_volume(stack, point):
-    """The first flush of a daemon allocates a pack (an LMDB commit without meta sync), creates and
+    """The first fold of a daemon allocates a pack (an LMDB commit without meta sync), creates and
     fsyncs its file, then appends: a cut in between must not make the next mount unwritable."""
     mount = stack.mount()
     before = os.urandom(100_000)
     write(f"{mount.path}/before", before)
     stack.umount()                                          # the next daemon starts a new pack
     mount, arm = armed(stack, point)
-    fd = os.open(f"{mount.path}/during", os.O_WRONLY | os.O_CREAT, 0o644)
+    write(f"{mount.path}/during", os.urandom(50_000), sync=None)
     open(arm, "w").close()
-    os.write(fd, os.urandom(50_000))
-    fsync_dying(fd)
+    flush_dying(stack)
     stack.power_cut()
     stack.power_back()
     mount = stack.mount()
@@ -187,9 +238,13 @@ def test_power_cut_after_gc_crashed_at_each_step_loses_nothing(stack, point, cut
     live = os.urandom(400_000)
     for name, data in (("dead", os.urandom(400_000)), ("live", live)):
         write(f"{mount.path}/{name}", data)
+    stack.umount()                                          # folded: both files in one pack
+    mount = stack.mount()
     os.unlink(f"{mount.path}/dead")
-    fsync_dir(mount.path)
-    stack.umount()
+    # The daemon dies before its next environment sync, which would punch the
+    # dead file's blocks out of the pack itself: gc has a half-dead pack to
+    # compact. gc's own commits make the unlink durable (rule 4) first.
+    stack.mounts.pop("main").kill9()
     result = cowfs("gc", stack.store, check=False, env={**os.environ, "COWFS_FAULTS": f"crash={point}"})
     assert result.returncode == faults.CRASH_EXIT_STATUS, result.stdout + result.stderr
     stack.power_cut(**CUTS[cut])
@@ -212,15 +267,16 @@ STREAM_CUTS = [dict(), dict(tear=True, seed=21), dict(tear=True, keep="random", 
 
 def test_power_cuts_during_a_stream_of_fdatasyncs_keep_every_acknowledged_record(stack):
     """A WAL-like writer: record n, fdatasync, 'acked n'; the power goes while the daemon
-    commits (its LMDB file has writes pending), three times, each cut of another kind."""
+    writes its intent log, or commits a fold (its LMDB file has writes pending), three
+    times, each cut of another kind."""
     acked = -1
-    for cut in STREAM_CUTS:
+    for round_no, cut in enumerate(STREAM_CUTS):
         mount = stack.mount()
         path = f"{mount.path}/records"
         writer = Writer("records", path, str(acked + 1))
         try:
             writer.wait_acked(acked + 20)
-            wait_pending(stack.disk, "store/meta/data.mdb")
+            wait_pending(stack.disk, ("store/logs/vol-1.log", "store/meta/data.mdb")[round_no % 2])
             stack.power_cut(writers=[writer.pid], **cut)
         finally:
             writer.close()

@@ -267,10 +267,10 @@ def test_lmdb_keeps_every_acknowledged_commit_and_never_half_of_one_through_cuts
 
 # --- cowfs on the disk ------------------------------------------------------------------------
 
-# Device flushes of one fsync of an 8 KiB overwrite of an existing file, today:
-# the pack fdatasync (rule 1), the LMDB commit's data pages, the environment
-# sync (rule 2). The intent log of issue 14 is to make this one flush.
-FLUSHES_PER_FSYNC = {"packs": {"fdatasync": 1}, "meta/data.mdb": {"fdatasync": 2}}
+# Device flushes of one fsync of an 8 KiB overwrite of an existing file: one
+# record in the volume's intent log, one fdatasync of it (before the log: a
+# pack fdatasync, the LMDB commit's data pages and the environment sync).
+FLUSHES_PER_FSYNC = {"logs/vol-1.log": {"fdatasync": 1}}
 
 
 def counts_by_store_part(counts: dict) -> dict:

@@ -172,12 +172,12 @@ def test_unknown_format_version_is_refused_by_every_command(store, workdir):
     env = lmdb.open(os.path.join(store, "meta"), max_dbs=32)
     meta = env.open_db(b"meta")          # before the write transaction: it takes the writer lock
     with env.begin(write=True) as txn:
-        txn.put(b"format_version", b"2", db=meta)
+        txn.put(b"format_version", b"3", db=meta)
     env.close()
     os.mkdir(os.path.join(workdir, "mnt"))
-    assert "format version 2" in one_line_refusal(store, "mount", os.path.join(workdir, "mnt"))
+    assert "format version 3" in one_line_refusal(store, "mount", os.path.join(workdir, "mnt"))
     for command, *args in (("fsck",), ("list",), ("gc",), ("df",), ("snapshot", "main@s")):
-        assert "format version 2" in one_line_refusal(store, command, *args)
+        assert "format version 3" in one_line_refusal(store, command, *args)
 
 
 def test_a_big_delete_leaves_a_short_but_healthy_data_file_that_opens(store):

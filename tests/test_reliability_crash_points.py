@@ -1,10 +1,13 @@
-"""Crash points: the process dies at each step of the write, snapshot and gc paths.
+"""Crash points: the process dies at each step of the fsync, fold, replay, snapshot and gc paths.
 
 The test-only fault layer (`cowfs.faults`, COWFS_FAULTS=crash=POINT) ends
 the daemon or the gc process with os._exit at a named step -- no cleanup,
-no flush, like a power cut of that process. After each crash: lazy
-unmount, fsck clean, mount again, and every byte fsynced before the crash
-is there (rule 6). What the interrupted operation did is all or nothing.
+no flush. A killed process keeps the page cache, so these tests prove the
+steps' atomicity, not their order on the device: tests/test_powercut.py
+cuts the power at the same points. After each crash: lazy unmount, fsck
+clean (or a mount first: either replays the intent log), mount again, and
+every byte fsynced before the crash is there (rule 6). What the interrupted
+operation did is all or nothing.
 """
 
 import contextlib
@@ -15,10 +18,14 @@ import subprocess
 import pytest
 
 from cowfs import faults
-from helpers import Mount, cowfs, fsck_clean, wait_gone
+from cowfs import control
+from helpers import Mount, cowfs, daemon_stats, fsck_clean, wait_for_log, wait_gone
 from test_reliability_io import mount_with_faults, read_file
 
-WRITE_POINTS = ["pack.written", "pack.synced", "commit.before", "commit.after"]
+# An fsync is one intent-log record; a fold (periodic commit, snapshot,
+# unmount, a full log) moves buffered writes to packs and LMDB.
+LOG_POINTS = ["log.written", "log.synced"]
+FOLD_POINTS = ["pack.written", "pack.synced", "fold.before", "fold.after"]
 GC_POINTS = ["gc.copied", "gc.moved", "gc.dropping"]
 
 
@@ -33,10 +40,11 @@ def crashing_mount(store: str, workdir: str, point: str) -> tuple[Mount, str]:
     arm = os.path.join(workdir, "arm")
     mount = mount_with_faults(store, os.path.join(workdir, "mnt"), f"crash={point}@1,armed_by={arm}",
                               "--commit-interval", "3600")
+    wait_for_log(store)
     return mount, arm
 
 
-@pytest.mark.parametrize("point", WRITE_POINTS)
+@pytest.mark.parametrize("point", LOG_POINTS)
 def test_crash_at_each_step_of_fsync_keeps_every_fsynced_byte(store, workdir, point):
     mount, arm = crashing_mount(store, workdir, point)
     before, during = os.urandom(300_000), os.urandom(200_000)
@@ -62,10 +70,80 @@ def test_crash_at_each_step_of_fsync_keeps_every_fsynced_byte(store, workdir, po
         assert read_file(f"{mount.path}/dir/before") == before
         assert os.stat(f"{mount.path}/link").st_nlink == 2
         got = read_file(f"{mount.path}/during")
-        if point == "commit.after":
-            assert got == during, "committed before the crash, so it must be there"
+        if point == "log.synced":
+            assert got == during, "the record was durable before the crash, so it must be there"
         else:
-            assert got == b"", "nothing of the unsynced write may appear half-way"
+            # Written, not synced: the kernel still has it after a kill (a power
+            # cut may drop it, tests/test_powercut.py), never half of it.
+            assert got in (b"", during), "the unacknowledged write appeared half-way"
+    finally:
+        mount.close()
+    fsck_clean(store)
+
+
+def flush_dying(store: str) -> None:
+    """A fold of every file through the daemon's `flush` request; the daemon dies in it."""
+    stats = daemon_stats(store)
+    with pytest.raises(Exception):
+        control.request(os.path.join(store, "run"), stats["vol_id"], {"op": "flush"})
+
+
+@pytest.mark.parametrize("point", FOLD_POINTS)
+def test_crash_at_each_step_of_a_fold_keeps_the_log_and_commits_all_or_nothing(store, workdir, point):
+    """The fold dies; the next mount (no fsck before it) replays the log: the
+    fsynced file is there, the buffered one is there whole or not at all."""
+    mount, arm = crashing_mount(store, workdir, point)
+    logged, buffered = os.urandom(300_000), os.urandom(200_000)
+    try:
+        with open(f"{mount.path}/logged", "wb") as f:
+            f.write(logged)
+            os.fsync(f.fileno())                  # one intent-log record, not yet folded
+        with open(f"{mount.path}/buffered", "wb") as f:
+            f.write(buffered)                     # acknowledged by write(2) only
+        open(arm, "w").close()
+        flush_dying(store)
+        detach_dead_mount(mount)
+        mount.mount()                             # the mount replays the log itself
+        assert read_file(f"{mount.path}/logged") == logged
+        got = read_file(f"{mount.path}/buffered")
+        if point == "fold.after":
+            assert got == buffered, "committed before the crash, so it must be there"
+        else:
+            assert got == b"", "nothing of the unfolded write may appear half-way"
+    finally:
+        mount.close()
+    fsck_clean(store)
+
+
+def test_a_crash_in_the_middle_of_replay_replays_again_and_never_twice(store, workdir):
+    """A daemon dies with records in its log; the next mount dies while
+    replaying them (chunks staged, nothing committed); the one after replays
+    them all, and a mount after that finds nothing more to replay: fsck's
+    exact reference counts show nothing was applied twice."""
+    mount = Mount(store, os.path.join(workdir, "mnt")).mount()
+    wait_for_log(store)
+    files = {f"f{i}": os.urandom(50_000 + i) for i in range(4)}
+    try:
+        for name, data in files.items():
+            with open(f"{mount.path}/{name}", "wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())
+        with open(f"{mount.path}/f0", "r+b") as f:
+            f.write(b"rewritten")                 # a second record of the same file
+            f.flush()
+            os.fsync(f.fileno())
+        files["f0"] = b"rewritten" + files["f0"][len(b"rewritten"):]
+        mount.kill9()
+        result = cowfs("mount", store, mount.path, check=False,
+                       env={**os.environ, "COWFS_FAULTS": "crash=replay.middle"})
+        assert result.returncode != 0, "the mount was ready although its replay died"
+        subprocess.run(["fusermount3", "-u", "-z", mount.path], capture_output=True)
+        for _ in range(2):                        # replays, then finds nothing to replay
+            mount.mount()
+            for name, data in files.items():
+                assert read_file(f"{mount.path}/{name}") == data, name
+            mount.kill9()
+            fsck_clean(store)
     finally:
         mount.close()
     fsck_clean(store)
@@ -107,6 +185,8 @@ def half_dead_pack(store, workdir):
             with open(f"{mount.path}/{name}", "wb") as f:
                 f.write(data)
                 os.fsync(f.fileno())
+        mount.umount()                            # folded: both files in one pack
+        mount.mount()
         os.unlink(f"{mount.path}/dead")
         mount.kill9()
     finally:

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from cowfs import control, space
-from helpers import Mount, cowfs, fsck_clean
+from cowfs import space
+from helpers import Mount, cowfs, daemon_stats, fsck_clean
 
 pytestmark = pytest.mark.slow
 
@@ -111,18 +111,6 @@ def wait_for_free(disk: str, at_least: int) -> int:
                                              f"expected {at_least}")
         time.sleep(0.2)
     return free_bytes(disk)
-
-
-def daemon_stats(store: str, volume: str = "main") -> dict:
-    from cowfs.store import Store
-    from cowfs import volumes
-    s = Store.open(store)
-    try:
-        with s.env.begin() as txn:
-            vol_id = volumes.volume_id(txn, s.env, volume)
-        return control.request(s.run_dir, vol_id, dict(op="stats"))
-    finally:
-        s.close()
 
 
 def ordinary_space_back(disk: str) -> int:
@@ -345,7 +333,7 @@ def test_lmdb_commit_refused_by_a_full_filesystem_counts_as_full_disk_not_io_err
     back); any other LMDB commit failure stops it (rule 3).
     """
     import lmdb
-    from cowfs.filesystem import is_full_disk
+    from cowfs.commit import is_full_disk
     tiny = os.path.join(workdir, "tiny")
     os.mkdir(tiny)
     assert _run("mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", tiny).returncode == 0

@@ -20,8 +20,8 @@ import subprocess
 
 import pytest
 
-from cowfs import errors
-from helpers import Mount, cowfs, daemon_pid, fsck_clean
+from cowfs import control, errors
+from helpers import Mount, cowfs, daemon_pid, daemon_stats, fsck_clean, wait_for_log
 
 
 def mount_with_faults(store: str, mountpoint: str, spec: str, *mount_args: str) -> Mount:
@@ -61,17 +61,42 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("fault", ["pack_sync=EIO@1", "pack_write=EIO@1"])
-def test_failed_pack_io_must_fail_every_later_fsync_until_remount(store, workdir, fault):
+def request_flush(store: str) -> None:
+    """A fold of every file through the daemon (what the periodic commit does)."""
+    control.request(os.path.join(store, "run"), daemon_stats(store)["vol_id"], {"op": "flush"})
+
+
+def fail_by(trigger: str, store: str, fd: int, code: int) -> None:
+    """The armed fault meets `trigger`: an fsync (the intent log, or a fold
+    without a log) or a fold of every file (packs and LMDB)."""
+    if trigger == "fsync":
+        assert_errno(code, os.fsync, fd)
+    else:
+        with pytest.raises(errors.CowfsError) as exc:
+            request_flush(store)
+        assert exc.value.exit_code == errors.EXIT_IO, exc.value
+
+
+# (fault, what meets it, extra mount arguments)
+IO_FAULTS = [("log_sync=EIO@1", "fsync", ()), ("log_write=EIO@1", "fsync", ()),
+             ("pack_sync=EIO@1", "fold", ()), ("pack_write=EIO@1", "fold", ()),
+             ("pack_sync=EIO@1", "fsync", ("--log-size", "0"))]
+
+
+@pytest.mark.parametrize("fault,trigger,mount_args", IO_FAULTS)
+def test_failed_io_must_fail_every_later_fsync_until_remount(store, workdir, fault, trigger, mount_args):
     arm = os.path.join(workdir, "arm")
-    mount = mount_with_faults(store, os.path.join(workdir, "mnt"), f"{fault},armed_by={arm}")
+    mount = mount_with_faults(store, os.path.join(workdir, "mnt"), f"{fault},armed_by={arm}",
+                              "--commit-interval", "3600", *mount_args)
+    if not mount_args:
+        wait_for_log(store)
     committed = os.urandom(200_000)
     try:
         os.close(write_file(f"{mount.path}/committed", committed))
         open(arm, "w").close()
         fd = write_file(f"{mount.path}/lost", os.urandom(100_000), fsync=False)
         try:
-            assert_errno(errno.EIO, os.fsync, fd)
+            fail_by(trigger, store, fd, errno.EIO)
             os.unlink(arm)                              # the fault is gone ...
             assert_errno(errno.EIO, os.fsync, fd)       # ... still no late success
             assert_errno(errno.EIO, os.fdatasync, fd)
@@ -103,19 +128,25 @@ def test_failed_pack_io_must_fail_every_later_fsync_until_remount(store, workdir
     fsck_clean(store)
 
 
-def test_full_disk_on_pack_write_fails_fsync_and_a_retry_stores_the_data(store, workdir):
-    """ENOSPC: the write was undone and the bytes kept, so a later fsync is honest."""
+@pytest.mark.parametrize("trigger,mount_args", [("fold", ()), ("fsync", ("--log-size", "0"))])
+def test_full_disk_on_pack_write_fails_and_a_retry_stores_the_data(store, workdir, trigger, mount_args):
+    """ENOSPC: the write was undone and the bytes kept, so a later commit is
+    honest. With the log the fsync succeeds (the log is preallocated) and the
+    fold that meets the full disk leaves the data logged and buffered."""
     arm = os.path.join(workdir, "arm")
-    # No periodic commit: it could meet the one-time fault before the fsync does.
+    # No periodic commit: it could meet the one-time fault before the test does.
     mount = mount_with_faults(store, os.path.join(workdir, "mnt"), f"pack_write=ENOSPC@1,armed_by={arm}",
-                              "--commit-interval", "3600")
+                              "--commit-interval", "3600", *mount_args)
+    if not mount_args:
+        wait_for_log(store)
     data = os.urandom(150_000)
     try:
         open(arm, "w").close()
-        fd = write_file(f"{mount.path}/f", data, fsync=False)
+        fd = write_file(f"{mount.path}/f", data, fsync=trigger == "fold")
         try:
-            assert_errno(errno.ENOSPC, os.fsync, fd)
+            fail_by(trigger, store, fd, errno.ENOSPC)
             os.fsync(fd)                                # space came back: really written now
+            request_flush(store)
         finally:
             os.close(fd)
         assert alive(mount.pid)
@@ -138,7 +169,7 @@ def test_snapshot_of_a_stopped_volume_is_refused_with_exit_code_io(store, workdi
         open(arm, "w").close()
         fd = write_file(f"{mount.path}/f", os.urandom(50_000), fsync=False)
         try:
-            assert_errno(errno.EIO, os.fsync, fd)
+            fail_by("fold", store, fd, errno.EIO)
         finally:
             os.close(fd)
         result = cowfs("snapshot", store, "main@after-error", check=False)

@@ -76,7 +76,7 @@ def test_scrub_of_an_intact_store_exits_zero_with_progress(store, mounted):
             f.write(os.urandom(5 * CHUNK))
     cowfs("snapshot", store, "main@s1")
     plain = cowfs("scrub", store)
-    assert "scrub: 100% (25/25 chunks" in plain.stderr and "store intact" in plain.stderr
+    assert "scrub: 100% (" in plain.stderr and "done in" in plain.stderr and "store intact" in plain.stderr
     assert "\r" not in plain.stderr, "no bar when stderr is not a terminal"
     assert plain.stdout == ""
     # On a terminal: a bar redrawn in place.
@@ -89,7 +89,7 @@ def test_scrub_of_an_intact_store_exits_zero_with_progress(store, mounted):
     finally:
         os.close(primary)
     assert proc.returncode == 0
-    assert "\rscrub [" in shown and "#" * 30 in shown
+    assert "\rscrub:" in shown and "100%" in shown and "B/s" in shown, shown   # tqdm's live line
 
 
 def _read_all(fd: int) -> str:

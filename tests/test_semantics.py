@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from helpers import Mount, dump, fsck_clean, tree_snapshot
+from helpers import Mount, cowfs, daemon_stats, dump, fsck_clean, tree_snapshot
 
 CHUNK = 8192
 
@@ -270,6 +270,33 @@ def test_extended_attributes(mounted):
         os.getxattr(path, "user.color")
     assert exc.value.errno == errno.ENODATA
     assert os.listxattr(path) == ["user.empty"]
+
+
+def test_a_mount_without_xattrs_refuses_them_and_saves_the_getxattr_before_each_write(store, workdir):
+    """--no-xattrs: every xattr call fails with EOPNOTSUPP, and the kernel stops
+    asking for security.capability before each write(2) (counted by the daemon)."""
+    mount = Mount(store, os.path.join(workdir, "mnt"))
+    os.makedirs(mount.path)
+    cowfs("mount", store, mount.path, "--no-xattrs")
+    try:
+        path = os.path.join(mount.path, "f")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for i in range(50):
+                os.pwrite(fd, os.urandom(8192), i * 8192)
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        for call, args in ((os.setxattr, (path, "user.a", b"1")), (os.getxattr, (path, "user.a")),
+                           (os.listxattr, (path,))):
+            with pytest.raises(OSError) as exc:
+                call(*args)
+            assert exc.value.errno == errno.EOPNOTSUPP, call
+        requests = daemon_stats(store)["fuse_requests"]
+        assert requests["write"] >= 50 and requests.get("getxattr", 0) <= 1, requests
+    finally:
+        mount.close()
+    fsck_clean(store)
 
 
 def test_permissions_enforced_for_other_users(mounted):

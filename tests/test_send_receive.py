@@ -9,7 +9,6 @@ volume, snapshot, chunk or pack added) and a second, intact receive must work.
 """
 
 import fcntl
-import io
 import json
 import os
 import pty
@@ -392,23 +391,6 @@ def test_send_shows_progress_on_a_terminal_and_none_with_json(source, workdir):
     assert "send" in text and "B/s" in text, text      # tqdm's bar: bytes and rate
     quiet = cowfs("send", source["store"], "main@s1", "-o", os.path.join(workdir, "q.cows"), "--json")
     assert quiet.stderr == "" and json.loads(quiet.stdout)["stream_bytes"] == os.path.getsize(out)
-
-
-def test_plain_progress_lines_when_not_a_terminal():
-    from cowfs.progress import Progress
-    stream = io.StringIO()                 # not a terminal: plain lines, here with no interval
-    progress = Progress("send", stream=stream, interval_s=0)
-    progress.start(4 << 20)
-    progress.update(1 << 20)
-    progress.update(1 << 20)
-    progress.close()
-    last = stream.getvalue().splitlines()[-1]
-    assert last.startswith("cowfs send: 2.0 MiB of about 4.0 MiB (50 %), ") and last.endswith(" s left"), last
-    quiet = io.StringIO()
-    silent = Progress("send", quiet=True, stream=quiet, interval_s=0)
-    silent.start(1)
-    silent.update(1)
-    assert quiet.getvalue() == ""
 
 
 def test_a_snapshot_being_sent_cannot_be_destroyed(source):

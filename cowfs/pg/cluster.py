@@ -26,6 +26,19 @@ SELECT format('SELECT %L, count(*) FROM %I.%I', n.nspname || '.' || c.relname, n
 """
 
 
+# Per database, one "schema.table|rows|md5" line per ordinary user table: the md5 of
+# its rows as text in a fixed order, so two servers holding the same rows agree.
+_DIGEST_SQL = r"""
+SELECT format($q$SELECT %L, count(*), md5(coalesce(string_agg(t::text, E'\n' ORDER BY t::text), ''))
+                   FROM %I.%I t$q$, n.nspname || '.' || c.relname, n.nspname, c.relname)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+ ORDER BY 1
+\gexec
+"""
+
+
 @dataclass(frozen=True)
 class PidFile:
     """The lines of ``postmaster.pid`` that tell clients where the server listens."""
@@ -128,6 +141,15 @@ def row_counts(server: PgServer) -> dict:
                 table_rows[name] = int(rows)
         counts[database] = table_rows
     return counts
+
+
+def table_digests(server: PgServer, databases: list) -> dict:
+    """{database: {schema.table: 'rows|md5'}}: what two copies of a cluster must agree on."""
+    digests = {}
+    for database in databases:
+        lines = server.psql(_DIGEST_SQL, database=database).splitlines()
+        digests[database] = {line.split("|", 1)[0]: line.split("|", 1)[1] for line in lines if line}
+    return digests
 
 
 def tablespace_links(data_dir: str) -> list:

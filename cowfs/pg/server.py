@@ -34,8 +34,10 @@ import pwd
 import random
 import re
 import shlex
+import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -48,6 +50,8 @@ START_TIMEOUT_S = 300.0          # crash recovery of a large cluster takes a whi
 LOG_TAIL_LINES = 3
 MESSAGE_MAX_CHARS = 900
 PORT_RANGE = (55000, 55999)
+STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+PID_FILE_STATUS_LINE = 7         # 0-based; PostgreSQL's pidfile.h LOCK_FILE_LINE_PM_STATUS
 
 
 class PgError(CowfsError):
@@ -267,7 +271,8 @@ class PgServer:
         os.chmod(self.data_dir, 0o700)
 
     def start(self, port: int, socket_dir: str, *, settings: Optional[dict] = None,
-              timeout_s: float = START_TIMEOUT_S, listen_addresses: str = "") -> None:
+              timeout_s: float = START_TIMEOUT_S, listen_addresses: str = "",
+              poll_s: Optional[float] = None) -> None:
         """Start the server and return once it accepts connections (``pg_ctl -w``).
 
         ``socket_dir`` is created (mode 0700, owned by the server's user) if
@@ -275,6 +280,9 @@ class PgServer:
         ``listen_addresses`` is empty (Unix socket only) unless a caller, such
         as a cutover that takes over a live server's addresses, says otherwise.
         Crash recovery happens here, so the timeout is generous.
+
+        ``poll_s``: watch postmaster.pid ourselves at this interval instead of
+        ``pg_ctl -w``, which looks every 100 ms; for a switch with clients held.
         """
         self.port, self.socket_dir = int(port), os.path.abspath(socket_dir)
         self._prepare_socket_dir()
@@ -285,9 +293,30 @@ class PgServer:
         for name, value in (settings or {}).items():
             options += ["-c", f"{name}={value}"]
         # pg_ctl hands -o to /bin/sh, hence the quoting.
-        self.run("pg_ctl", "start", "-D", self.data_dir, "-l", self.log_path, "-w",
-                 "-t", str(int(timeout_s)), "-o", " ".join(shlex.quote(o) for o in options),
+        self.run("pg_ctl", "start", "-D", self.data_dir, "-l", self.log_path,
+                 "-w" if poll_s is None else "-W", "-t", str(int(timeout_s)),
+                 "-o", " ".join(shlex.quote(o) for o in options),
                  timeout_s=timeout_s + 30, what=f"starting PostgreSQL on port {self.port}")
+        if poll_s is not None:
+            self._wait_ready(timeout_s, poll_s)
+
+    def _wait_ready(self, timeout_s: float, poll_s: float) -> None:
+        """Until postmaster.pid says "ready" (what ``pg_ctl -w`` waits for)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with open(os.path.join(self.data_dir, "postmaster.pid")) as f:
+                    lines = f.read().splitlines()
+            except FileNotFoundError:
+                lines = []
+            if len(lines) > PID_FILE_STATUS_LINE and lines[PID_FILE_STATUS_LINE].strip() == "ready":
+                return
+            if lines and not os.path.exists(f"/proc/{lines[0].strip()}"):
+                raise self.error(f"PostgreSQL on port {self.port} exited while starting")
+            if time.monotonic() > deadline:
+                raise self.error(f"PostgreSQL on port {self.port} was not ready within "
+                                 f"{timeout_s:.0f} s")
+            time.sleep(poll_s)
 
     def _prepare_socket_dir(self) -> None:
         if os.path.isdir(self.socket_dir):
@@ -297,19 +326,43 @@ class PgServer:
         if owner is not None:
             os.chown(self.socket_dir, owner.uid, owner.gid)
 
-    def stop(self, mode: str = "fast", timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def stop(self, mode: str = "fast", timeout_s: float = DEFAULT_TIMEOUT_S,
+             poll_s: Optional[float] = None) -> None:
         """Stop the server and wait until it is gone; nothing to do if none runs.
 
         ``mode`` is pg_ctl's: ``smart`` waits for clients, ``fast`` (default)
         disconnects them and checkpoints, ``immediate`` exits without a
-        checkpoint (the next start runs crash recovery).
+        checkpoint (the next start runs crash recovery). ``poll_s``: signal
+        the postmaster and watch for its pid file to go at this interval, as
+        ``pg_ctl stop`` does every 100 ms.
         """
         if mode not in ("smart", "fast", "immediate"):
             raise PgError(f"unknown shutdown mode {mode!r} (use smart, fast or immediate)")
+        if poll_s is not None and self._signal_stop(mode, timeout_s, poll_s):
+            return
         if not self.is_running():
             return
         self.run("pg_ctl", "stop", "-D", self.data_dir, "-m", mode, "-w", "-t", str(int(timeout_s)),
                  timeout_s=timeout_s + 30, what=f"stopping PostgreSQL ({mode})")
+
+    def _signal_stop(self, mode: str, timeout_s: float, poll_s: float) -> bool:
+        """Stop by signal; False when the postmaster cannot be signalled (pg_ctl then tries)."""
+        pid = self.postmaster_pid()
+        if pid is None:
+            return True
+        try:
+            os.kill(pid, STOP_SIGNALS[mode])
+        except ProcessLookupError:
+            return False                 # a stale pid file: pg_ctl knows what to do
+        except PermissionError:
+            return False
+        pid_file = os.path.join(self.data_dir, "postmaster.pid")
+        deadline = time.monotonic() + timeout_s
+        while os.path.exists(pid_file):
+            if time.monotonic() > deadline:
+                raise self.error(f"PostgreSQL did not stop ({mode}) within {timeout_s:.0f} s")
+            time.sleep(poll_s)
+        return True
 
     def is_running(self) -> bool:
         """Whether a server runs on the data directory (``pg_ctl status``)."""

@@ -6,20 +6,27 @@ state *before* any step can be cloned and started again:
 
     recover-old        start the old server on the clone (crash recovery of the
                        snapshot), read its locale/encoding/checksum settings and
-                       every table's row count, stop it cleanly
-    initdb-new         a new cluster beside it with the same settings
+                       every table's row count, drop the clone's copies of live's
+                       logical replication slots, stop it cleanly
+    initdb-new         a new cluster beside it with the same settings (checksums
+                       too: initdb 18 turns them on by default, pg_upgrade
+                       refuses a mismatch)
     pg-upgrade-check   pg_upgrade --check
     pg-upgrade-link    pg_upgrade --link (safe here: it only touches the clone)
     install-new        the new cluster takes the old one's path; the old one
                        stays beside it as PGDATA.pgOLD-old; configuration files
                        carried over
     start-new          the new server starts on the clone
+    analyze            vacuumdb --analyze-in-stages; from 18 on pg_upgrade carries
+                       the planner statistics, so only the missing ones
     amcheck            pg_amcheck on every database
     row-counts         every table has the row count counted in recover-old
     check-sql          the user's check returns true (skipped without one)
     stop-new           clean shutdown, so the last snapshot is a clean cluster
 
-The clone is a copy: every write here lands on the clone only.
+The clone is a copy: every write here lands on the clone only. The
+rehearsal runs all of it (`Upgrader.run`); the cutovers run the steps they
+need, in their own order (cutover.py, online.py).
 
 Why initdb and pg_upgrade run with --no-sync: both would fsync every file of
 the new cluster, file by file, which on this machine is most of their time
@@ -34,17 +41,20 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from .. import admin
 from ..errors import CowfsError, ExistsError, UsageError
-from . import cluster
+from . import cluster, replication
 from .report import Report, StepError
 from .server import PgServer, free_port
 from .workspace import Workspace
 
-# Settings for servers on clones: never archive into the live server's archive.
-CLONE_SERVER_SETTINGS = {"archive_mode": "off"}
+# Settings for servers on clones: never archive into the live server's archive, and
+# never start a logical replication worker: a clone's copy of a subscription would
+# connect to its publisher and consume the changes meant for the live subscriber.
+CLONE_SERVER_SETTINGS = {"archive_mode": "off", "max_logical_replication_workers": "0"}
+ANALYZE_TIMEOUT_S = 6 * 3600
 
 
 @dataclass
@@ -61,9 +71,12 @@ class UpgradePlan:
     check_sql_name: str = ""           # for messages (the file name)
     database: str = "postgres"
     port: Optional[int] = None
-    verify: str = "full"               # full | light (see Upgrader.run)
     row_counts: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)   # initdb settings; a cutover reads them on live
+    server_settings: dict = field(default_factory=lambda: dict(CLONE_SERVER_SETTINGS))
+    # Live's logical slots copied into the clone belong to live's subscribers: a rehearsal
+    # and an online cutover drop them; an offline cutover's clone *is* the next live.
+    drop_copied_slots: bool = True
 
     @property
     def data_dir(self) -> str:
@@ -143,57 +156,50 @@ class Upgrader:
     # --- the procedure -------------------------------------------------------------------------
 
     def run(self, stop_at_end: bool = True) -> Optional[PgServer]:
-        """All steps; returns the running new server unless ``stop_at_end``.
-
-        ``verify="light"`` is for cutovers of clusters too big to read whole
-        during the downtime: no row counts and no pg_amcheck (a full rehearsal
-        ran them on the same data shortly before), so recover-old is skipped
-        too when the cluster was stopped cleanly and its settings are known.
-        The new server must still start and --check-sql must still pass.
-        """
-        full = self.plan.verify == "full"
-        if full or not self.plan.settings:
-            self.recover_old(count_rows=full)
-        else:
-            self.report.skip("recover-old", "cluster stopped cleanly; settings read on live "
-                                            "(--verify light)")
+        """The rehearsal: every step; returns the running new server unless ``stop_at_end``."""
+        self.recover_old(count_rows=True)
         self.initdb_new()
         self.pg_upgrade("check")
         self.pg_upgrade("link")
         self.install_new()
         server = self.start_new()
-        if full:
-            self.amcheck(server)
-            self.compare_row_counts(server)
-        else:
-            self.report.skip("amcheck", "--verify light")
-            self.report.skip("row-counts", "--verify light")
+        self.analyze(server)
+        self.amcheck(server)
+        self.compare_row_counts(server)
         self.check_sql(server)
         if stop_at_end:
-            with self.step("stop-new") as step:
-                server.stop("fast")
-                step.detail = "clean shutdown"
+            self.stop_new(server)
         return server
 
     def _port(self) -> int:
         return self.plan.port or free_port()
 
-    def recover_old(self, count_rows: bool = True) -> None:
+    def recover_old(self, count_rows: bool = True,
+                    inspect: Optional[Callable[[PgServer], str]] = None) -> None:
+        """Crash recovery on the clone, then facts the later steps need; stops cleanly.
+
+        ``inspect(server)`` runs while the recovered server is up (before
+        anything else touches it) and returns a phrase for the step's detail.
+        """
         plan = self.plan
         with self.step("recover-old") as step:
             check_data_dir(plan.data_dir, plan.pgdata, plan.old_major)
             stale = cluster.forget_stale_pid_file(plan.data_dir)
             server = self.ws.started(PgServer(plan.old_bin, plan.data_dir))
             server.start(self._port(), self.ws.run_dir, settings=CLONE_SERVER_SETTINGS)
+            facts = [inspect(server)] if inspect else []
             plan.settings = cluster.initdb_settings(server)
             if count_rows:
                 plan.row_counts = cluster.row_counts(server)
+                tables = sum(len(t) for t in plan.row_counts.values())
+                facts.append(f"{tables} tables in {len(plan.row_counts)} databases counted")
+            if plan.drop_copied_slots:
+                dropped = replication.drop_logical_slots(server)
+                if dropped:
+                    facts.append(f"dropped the copies of live's logical slots {', '.join(dropped)}")
             server.stop("fast")
-            tables = sum(len(t) for t in plan.row_counts.values())
-            counted = (f"{tables} tables in {len(plan.row_counts)} databases counted"
-                       if count_rows else "rows not counted (--verify light)")
-            step.detail = (f"{'crash recovery of a running snapshot' if stale else 'clean start'}; "
-                           f"{counted}; stopped cleanly")
+            origin = "crash recovery of a running snapshot" if stale else "clean start"
+            step.detail = "; ".join([origin, *facts, "stopped cleanly"])
 
     def initdb_new(self) -> None:
         plan = self.plan
@@ -202,16 +208,8 @@ class Upgrader:
                 if os.path.exists(path):
                     raise ExistsError(f"{path} exists on the clone; move it away in the live "
                                       "volume (a leftover of an earlier upgrade?)")
-            owner = os.stat(plan.data_dir)
-            server = PgServer(plan.new_bin, plan.new_data_dir)
-            s = plan.settings
-            server.initdb(data_checksums=s["data_checksums"], encoding=s["encoding"],
-                          lc_collate=s["lc_collate"], lc_ctype=s["lc_ctype"],
-                          extra_args=[f"--wal-segsize={s['wal_segsize_mb']}", "--no-sync"],
-                          os_owner=(owner.st_uid, owner.st_gid))
-            step.detail = (f"{os.path.basename(plan.new_data_dir)}: encoding {s['encoding']}, "
-                           f"collate {s['lc_collate']}, checksums "
-                           f"{'on' if s['data_checksums'] else 'off'}")
+            step.detail = initdb_like(plan.new_bin, plan.new_data_dir, plan.new_major,
+                                      plan.settings, owner_of=plan.data_dir)
 
     def pg_upgrade(self, mode: str) -> None:
         plan = self.plan
@@ -257,12 +255,21 @@ class Upgrader:
         plan = self.plan
         with self.step("start-new") as step:
             server = self.ws.started(PgServer(plan.new_bin, plan.data_dir))
-            server.start(self._port(), self.ws.run_dir, settings=CLONE_SERVER_SETTINGS)
+            server.start(self._port(), self.ws.run_dir, settings=plan.server_settings)
             version = server.server_version()
             if not version.startswith(f"{plan.new_major}."):
                 raise StepError(f"the new server reports version {version}, not {plan.new_major}")
             step.detail = f"PostgreSQL {version} accepts connections"
         return server
+
+    def analyze(self, server: PgServer) -> None:
+        with self.step("analyze") as step:
+            step.detail = analyze_in_stages(server, self.plan.new_major)
+
+    def stop_new(self, server: PgServer) -> None:
+        with self.step("stop-new") as step:
+            server.stop("fast")
+            step.detail = "clean shutdown"
 
     def amcheck(self, server: PgServer) -> None:
         with self.step("amcheck") as step:
@@ -296,6 +303,47 @@ class Upgrader:
             step.detail = f"{plan.check_sql_name} returned true"
 
 
+def initdb_like(new_bin: str, new_data_dir: str, new_major: str, settings: dict,
+                owner_of: str) -> str:
+    """initdb a new cluster that pg_upgrade accepts for one with ``settings``; a detail line.
+
+    The owner is that of ``owner_of`` (the old data directory). Checksums
+    follow the old cluster both ways: initdb 18 enables them unless told not
+    to, and pg_upgrade refuses clusters that differ. The detail reports what
+    the new cluster's pg_control says, not what was asked for.
+    """
+    owner = os.stat(owner_of)
+    server = PgServer(new_bin, new_data_dir)
+    extra = [f"--wal-segsize={settings['wal_segsize_mb']}", "--no-sync"]
+    if not settings["data_checksums"] and int(new_major) >= 18:
+        extra.append("--no-data-checksums")
+    server.initdb(data_checksums=settings["data_checksums"], encoding=settings["encoding"],
+                  lc_collate=settings["lc_collate"], lc_ctype=settings["lc_ctype"],
+                  extra_args=extra, os_owner=(owner.st_uid, owner.st_gid))
+    checksums = cluster.controldata(server).get("Data page checksum version", "0") != "0"
+    return (f"{os.path.basename(new_data_dir)}: encoding {settings['encoding']}, collate "
+            f"{settings['lc_collate']}, checksums {'on' if checksums else 'off'}")
+
+
+def analyze_in_stages(server: PgServer, major: str) -> str:
+    """vacuumdb --all --analyze-in-stages on a running new server; a detail line.
+
+    pg_upgrade does not carry planner statistics before 18, so a new server
+    plans blind until ANALYZE: the stages give every table rough statistics
+    first, then better ones. From 18 on pg_upgrade carries them, and only
+    what it does not (extended statistics) is analyzed.
+    """
+    args = ["--all", "--analyze-in-stages"]
+    carried = int(major) >= 18
+    if carried:
+        args.append("--missing-stats-only")
+    server.run("vacuumdb", *server.connection_args(), *args, timeout_s=ANALYZE_TIMEOUT_S,
+               what="vacuumdb --analyze-in-stages")
+    if carried:
+        return "pg_upgrade carried the planner statistics; analyzed only what was missing"
+    return "every database analyzed in 3 stages (pg_upgrade does not carry statistics)"
+
+
 class _SnapshottingStep:
     """`Report.step` plus a snapshot of the clone afterwards, whatever the outcome."""
 
@@ -323,19 +371,24 @@ def _last_line(text: str) -> str:
 def _cause(stdout: str, log: str) -> str:
     """What failed, as one line.
 
-    A failed check prints "<check> ... fatal" and an explanation; a failed
-    action (e.g. restoring schemas, which --check does not try) prints the
-    action, then "*failure*", and the reason is an ERROR line in its logs.
+    A failed check prints "<check> ... fatal" and an explanation (from 17
+    on, data type checks print "<group> ... failed check: <check>", a
+    heading line ending in ":", then the explanation); a failed action (e.g.
+    restoring schemas, which --check does not try) prints the action, then
+    "*failure*", and the reason is an ERROR line in its logs.
     """
     lines = [line.rstrip() for line in stdout.splitlines()]
     first_error = next((l.strip() for l in log.splitlines()
                         if re.search(r"\b(ERROR|FATAL|PANIC):", l)), "")
     first_error = re.sub(r"^.*?\b(ERROR|FATAL|PANIC):\s*", "", first_error)
     for i, line in enumerate(lines):
-        if re.search(r"\bfatal\s*$", line):
-            check = re.sub(r"\s+fatal\s*$", "", line).strip()
-            explanation = " ".join(l.strip() for l in lines[i + 1:i + 4] if l.strip())
-            sentence = explanation.split(". ")[0].rstrip(".")
+        failed_check = re.search(r"\bfailed check:\s*(.+)$", line)
+        if re.search(r"\bfatal\s*$", line) or failed_check:
+            check = (failed_check.group(1) if failed_check
+                     else re.sub(r"\s+fatal\s*$", "", line)).strip()
+            following = [l.strip() for l in lines[i + 1:i + 6]
+                         if l.strip() and not l.strip().endswith(":")]
+            sentence = " ".join(following[:3]).split(". ")[0].rstrip(".")
             return f"{check}: fatal ({sentence})"
         if line.strip() == "*failure*":
             action = next((l.strip() for l in reversed(lines[:i]) if l.strip()), "a step")

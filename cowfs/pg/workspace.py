@@ -67,6 +67,20 @@ def mounted_volume(mountpoint: str) -> Optional[dict]:
     return daemon.read_registry(entry["dev"])
 
 
+def volume_mountpoint(store_path: str, volume: str) -> Optional[str]:
+    """Where a cowfs daemon serves ``volume`` of the store at ``store_path``, or None."""
+    for name in sorted(os.listdir(daemon.registry_dir())):
+        if not name.endswith(".json"):
+            continue
+        info = daemon.read_registry(name[:-len(".json")].replace("_", ":"))
+        if not info or info.get("store") != store_path or info.get("volume") != volume:
+            continue
+        mnt = info.get("mountpoint")
+        if mnt and mounted_volume(mnt) == info:
+            return mnt
+    return None
+
+
 class Workspace:
     def __init__(self, keep: bool = False):
         self.path = tempfile.mkdtemp(prefix="cowfs-pg-", dir="/tmp")
