@@ -28,7 +28,7 @@ from typing import Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from cowfs import daemon  # noqa: E402
+from cowfs import mounting  # noqa: E402
 from cowfs.pg import PgServer, free_port  # noqa: E402
 
 MIB = 1 << 20
@@ -125,15 +125,15 @@ class Mount:
         os.makedirs(self.path, exist_ok=True)
         extra = MOUNT_ARGS if "@" not in self.volume else []
         cowfs_cli("mount", self.store, self.path, "--volume", self.volume, *extra)
-        entry = daemon.find_mount(os.path.abspath(self.path))
-        info = daemon.read_registry(entry["dev"]) if entry else None
+        entry = mounting.find_mount(os.path.abspath(self.path))
+        info = mounting.read_registry(entry["dev"]) if entry else None
         if not info:
             raise RuntimeError(f"{self.path} is not mounted after cowfs mount")
         self.pid = info["pid"]
         return self
 
     def close(self) -> None:
-        if daemon.find_mount(os.path.abspath(self.path)) is None:
+        if mounting.find_mount(os.path.abspath(self.path)) is None:
             return
         result = cowfs_cli("umount", self.path, check=False, timeout=300)
         if result.returncode != 0:

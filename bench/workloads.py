@@ -42,6 +42,7 @@ class Config:
     snap_small_mib: int = 100
     snap_large_gib: float = 10.0
     snap_repeat: int = 20
+    snap_history: int = 1000           # snapshots of one volume for the list/df/destroy-range times
     snapshots: int = 24
     snap_interval_s: float = 1.0
     chunk_sizes: tuple = (8192, 16384, 32768, 65536)
@@ -55,7 +56,7 @@ class Config:
     def quick(cls) -> "Config":
         return cls(rounds=1, scale=1, tpcb_s=3, select_s=2, seq_bytes=16 * MIB,
                    rand_bytes=16 * MIB, fio_s=2, snap_small_mib=2, snap_large_gib=0.2,
-                   snap_repeat=5, snap_interval_s=0.1, chunk_tpcb_s=2,
+                   snap_repeat=5, snap_history=20, snap_interval_s=0.1, chunk_tpcb_s=2,
                    chunk_sizes=(8192, 32768), flush_transactions=100, clone_scale=2, clone_load_s=2)
 
 
@@ -305,7 +306,7 @@ def bench_snapshot(h: Harness, cfg: Config) -> list:
     out = os.path.join(h.work, "snapshot-bench.json")
     snapshot_bench.main(["--small-mib", str(cfg.snap_small_mib), "--large-gib",
                          str(cfg.snap_large_gib), "--repeat", str(cfg.snap_repeat),
-                         "--dir", h.work, "--out", out])
+                         "--history", str(cfg.snap_history), "--dir", h.work, "--out", out])
     with open(out) as f:
         raw = json.load(f)
     small, large = raw["rows"]
@@ -315,7 +316,8 @@ def bench_snapshot(h: Harness, cfg: Config) -> list:
                             base=f"{small['logical_bytes'] / MIB:.0f} MiB",
                             value=f"{large['logical_bytes'] / GIB:.1f} GiB",
                             small_max_ms=small[f"{op}_ms_max"], large_max_ms=large[f"{op}_ms_max"],
-                            size_ratio=raw["size_ratio"], plain_copy_small_ms=raw["plain_copy_small_ms"])
+                            size_ratio=raw["size_ratio"], plain_copy_small_ms=raw["plain_copy_small_ms"],
+                            history=raw["history"])
         add_round(metric, small[f"{op}_ms_median"], large[f"{op}_ms_median"])
         metrics.append(metric)
     return metrics

@@ -73,7 +73,11 @@ def clone(store: Store, source: str, new_name: str) -> dict:
 
 
 def destroy(store: Store, target: str) -> dict:
-    """{"target", "kept_for"} (see `snapshots.destroy_snapshot`)."""
+    """{"target", "kept_for"} (see `snapshots.destroy_snapshot`); for a set of
+    snapshots (VOL@A%B, VOL@A,B,...) see `destroy_set`."""
+    vol, _, spec = target.partition("@")
+    if "%" in spec or "," in spec:
+        return destroy_set(store, vol, spec)
     vol, snap = snapshots.parse_target(target)
     vol_id = _vol_id(store, vol)
     batch = store.chunks.batch()
@@ -103,6 +107,40 @@ def destroy(store: Store, target: str) -> dict:
                 lock.release()
     store.chunks.reclaim(batch.freed_locations)
     return result
+
+
+def destroy_set(store: Store, vol: str, spec: str) -> dict:
+    """Destroy the snapshots `spec` names (see `snapshots.select_snapshots`) in
+    one transaction, after taking every one's exclusive lock: all or none.
+    Returns {"volume", "destroyed", "kept_for" {name: clones}, "frees_bytes"}."""
+    volumes.check_name(vol)
+    vol_id = _vol_id(store, vol)
+    with store.env.begin() as txn:
+        points = [(gen, rec["name"]) for gen, rec in snapshots.snapshots_of(txn, store.env, vol_id)
+                  if rec["name"]]
+    chosen = snapshots.select_snapshots(points, spec, vol)
+    locks = []
+    try:
+        for gen, name in chosen:
+            locks.append(store.lock_snapshot(vol_id, gen, f"{vol}@{name}", exclusive=True,
+                                             holder="cowfs destroy"))
+        batch = store.chunks.batch()
+        kept = {}
+        with store.env.begin(write=True) as txn:
+            frees = snapshots.would_free_snapshots(txn, store.env, vol_id, [gen for gen, _n in chosen])
+            for _gen, name in chosen:
+                result = snapshots.destroy_snapshot(txn, store.env, vol_id, vol, name, batch)
+                if result["kept_for"]:
+                    kept[name] = result["kept_for"]
+            batch.apply(txn)
+        for gen, name in chosen:
+            scheduling.drop_lock_file(store, vol_id, gen)
+            logs.remove(store.run_dir, f"{vol}@{name}")
+    finally:
+        for lock in locks:
+            lock.release()
+    store.chunks.reclaim(batch.freed_locations)
+    return dict(volume=vol, destroyed=[name for _gen, name in chosen], kept_for=kept, frees_bytes=frees)
 
 
 def _drop_log_file(store: Store, vol_id: int) -> None:

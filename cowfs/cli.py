@@ -149,12 +149,19 @@ def _add_snapshot_commands(sub) -> None:
     p.add_argument("store", metavar="STORE")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("destroy", help="remove a snapshot VOL@SNAP or an unmounted volume VOL",
-                       description="Remove a snapshot or an unmounted volume with its snapshots. "
-                                   "Data a clone still needs stays (the snapshot just leaves the "
-                                   "list). The freed space is back when the command returns.")
+    p = sub.add_parser("destroy", help="remove snapshots (VOL@SNAP, VOL@A%%B, VOL@A,B) or an unmounted volume",
+                       description="Remove a snapshot, a set of snapshots, or an unmounted volume "
+                                   "with its snapshots. A set is names and ranges separated by "
+                                   "commas; a range A%%B is every snapshot from A to B inclusive, "
+                                   "by creation, a side left empty meaning the first or the last "
+                                   "(as zfs destroy): the set goes in one transaction, all or "
+                                   "none. Data a clone still needs stays (the snapshot just leaves "
+                                   "the list). The freed space is back when the command returns.",
+                       epilog="Examples: cowfs destroy /srv/cowfs main@before-upgrade; "
+                              "cowfs destroy /srv/cowfs main@auto-20260101T000000Z%%auto-20260601T000000Z; "
+                              "cowfs destroy /srv/cowfs main@%%auto-20260601T000000Z (everything up to it)")
     p.add_argument("store", metavar="STORE")
-    p.add_argument("target", metavar="VOL|VOL@SNAP")
+    p.add_argument("target", metavar="VOL|VOL@SNAP|VOL@A%B|VOL@A,B")
 
     p = sub.add_parser("rollback", help="return an unmounted volume to VOL@SNAP (undoable)",
                        description="Make unmounted VOL read as snapshot SNAP. Newer snapshots are "
@@ -208,6 +215,13 @@ def cmd_clone(args) -> int:
 
 def _destroyed_words(r: dict) -> str:
     """`cowfs destroy`'s sentence, also for snapshots that only lose their name."""
+    if "destroyed" in r:                  # a set of snapshots
+        names = r["destroyed"]
+        text = (f"destroyed {len(names)} snapshot(s) of {r['volume']} ({names[0]} .. {names[-1]}), "
+                f"freed {human(r['frees_bytes'])}")
+        for name, clones in r["kept_for"].items():
+            text += f"; {name} removed from the list, its data stays for clone(s) {', '.join(clones)}"
+        return text
     if not r["kept_for"]:
         return f"destroyed {'snapshot' if '@' in r['target'] else 'volume'} {r['target']}"
     clones = ", ".join(r["kept_for"])

@@ -10,8 +10,10 @@ Ops: ``snapshot`` (name), ``flush``, ``stats``, ``release-pack`` (close the
 pack the daemon appends to, so that gc can reclaim its dead bytes).
 
 Unix socket paths are limited to 107 bytes, store paths are not: both sides
-address the socket relative to the run directory (bind/connect after a
-chdir, done while the process is single-threaded).
+address the socket through a descriptor of the run directory,
+``/proc/self/fd/<fd>/vol-<id>.sock``. (Not by chdir: the working directory
+is the whole process's, and two threads doing it at once could leave the
+process in a directory that is later deleted.)
 """
 
 import json
@@ -37,12 +39,12 @@ def socket_name(vol_id: int) -> str:
 
 
 def _in_dir(run_dir: str, func):
-    old = os.getcwd()
-    os.chdir(run_dir)
+    """func(path of the socket name inside run_dir), with a short path at any depth."""
+    dir_fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY)
     try:
-        return func()
+        return func(f"/proc/self/fd/{dir_fd}/")
     finally:
-        os.chdir(old)
+        os.close(dir_fd)
 
 
 def _protect_run_dir(run_dir: str) -> None:
@@ -58,13 +60,13 @@ def listen(run_dir: str, vol_id: int) -> socket.socket:
     name = socket_name(vol_id)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
-    def bind():
+    def bind(dir_path: str):
         try:
-            os.unlink(name)        # a stale socket of a crashed daemon; we hold the volume lock
+            os.unlink(dir_path + name)  # a stale socket of a crashed daemon; we hold the volume lock
         except FileNotFoundError:
             pass
-        sock.bind(name)
-        os.chmod(name, 0o600)
+        sock.bind(dir_path + name)
+        os.chmod(dir_path + name, 0o600)
     try:
         _protect_run_dir(run_dir)
         _in_dir(run_dir, bind)
@@ -144,7 +146,7 @@ def request(run_dir: str, vol_id: int, payload: dict, timeout_s: float = 600.0) 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout_s)
     try:
-        _in_dir(run_dir, lambda: sock.connect(socket_name(vol_id)))
+        _in_dir(run_dir, lambda dir_path: sock.connect(dir_path + socket_name(vol_id)))
         sock.sendall(json.dumps(payload).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):

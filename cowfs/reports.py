@@ -40,13 +40,16 @@ def _volume_rows(txn, env, vol_id: int, name: str, digests: dict) -> list[dict]:
     record = volumes.volume_record(txn, env, vol_id)
     rows = []
     prev_gen = 0
-    for gen, snap in snapshots.snapshots_of(txn, env, vol_id):
+    points = snapshots.snapshots_of(txn, env, vol_id)
+    logical = snapshots.logical_bytes_at(txn, env, vol_id,
+                                         [gen for gen, snap in points if snap["name"]] + [record["head_gen"]])
+    for gen, snap in points:
         if snap["name"]:
             held = snapshots.hold_of(txn, env, vol_id, gen)
             rows.append(dict(
                 name=f"{name}@{snap['name']}", type="snapshot", origin=None,
                 created=fmt_utc(snap["created_ns"]), created_ns=snap["created_ns"], gen=gen,
-                logical_bytes=snapshots.logical_bytes(txn, env, catalog.volume_chain(txn, env, vol_id, gen)),
+                logical_bytes=logical[gen],
                 written_bytes=snapshots.written_bytes(txn, env, vol_id, prev_gen, gen),
                 unique_bytes=snapshots.would_free_snapshot(txn, env, vol_id, gen),
                 clones=snapshots.dependents(txn, env, vol_id, gen),
@@ -58,7 +61,7 @@ def _volume_rows(txn, env, vol_id: int, name: str, digests: dict) -> list[dict]:
     head = record["head_gen"]
     rows.insert(0, dict(
         name=name, type="volume", origin=_origin(txn, env, record), created=fmt_utc(record["created_ns"]),
-        created_ns=record["created_ns"], gen=head, logical_bytes=snapshots.logical_bytes(txn, env, catalog.volume_chain(txn, env, vol_id)),
+        created_ns=record["created_ns"], gen=head, logical_bytes=logical[head],
         written_bytes=snapshots.written_bytes(txn, env, vol_id, prev_gen, head),
         unique_bytes=snapshots.bytes_freed(txn, env, list(snapshots._dead_for_point(txn, env, vol_id, head))),
         clones=[], auto=False, held=False, hold_reason=None, held_since=None,

@@ -282,3 +282,93 @@ def test_destroy_leaves_no_lock_files_behind(store, mounts):
     run_dir = os.path.join(store, "run")
     assert [name for name in os.listdir(run_dir) if name.startswith("snap-")] == []
     assert "main@s1" not in listing(store)
+
+
+def regular_bytes(root: str) -> int:
+    """Sum of regular file sizes under root, each inode once (what `list` calls logical)."""
+    seen, total = set(), 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_mode & 0o170000) == 0o100000 and st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_size
+    return total
+
+
+def test_list_logical_sizes_match_the_tree_at_every_snapshot(store, mounts):
+    """`list` sums sizes once and then follows the changes from snapshot to
+    snapshot; each row must still equal the tree as it was."""
+    main = mounts("main")
+    expected = {}
+    for step in range(10):
+        write(f"{main.path}/grow", b"g" * (50_000 * (step + 1)))
+        write(f"{main.path}/d{step % 3}/f{step}", os.urandom(7_000 + step))
+        if step == 3:
+            os.link(f"{main.path}/grow", f"{main.path}/grow-link")
+        if step == 5:
+            os.unlink(f"{main.path}/d0/f0")
+            os.truncate(f"{main.path}/d1/f1", 10)
+        if step == 7:
+            os.rename(f"{main.path}/d2", f"{main.path}/d2-moved")
+            os.truncate(f"{main.path}/d1/f4", 3_000_000)       # sparse growth counts
+        cowfs("snapshot", store, f"main@s{step}")
+        expected[f"main@s{step}"] = regular_bytes(main.path)
+    cowfs("clone", store, "main@s4", "dev")
+    dev = mounts("dev")
+    expected["dev"] = regular_bytes(dev.path)
+    write(f"{main.path}/after", b"a" * 123)
+    expected["main"] = regular_bytes(main.path)
+    main.umount()                       # unmounted: list reads committed metadata only
+    rows = listing(store)
+    assert {name: rows[name]["logical_bytes"] for name in expected} == expected
+
+
+def test_destroy_sets_and_ranges_all_or_none(store, mounts):
+    main = mounts("main")
+    for step in range(12):
+        write(f"{main.path}/f{step}", os.urandom(100_000))
+        cowfs("snapshot", store, f"main@s{step}")
+        os.unlink(f"{main.path}/f{step}")             # each snapshot alone holds its file
+
+    def names():
+        return sorted((n for n in listing(store) if n.startswith("main@")), key=lambda n: int(n[6:]))
+
+    refused = [
+        ("main@s9%s7", errors.EXIT_USAGE, "give the older snapshot first"),
+        ("main@s7%nope", errors.EXIT_NOT_FOUND, "no snapshot 'nope'"),
+        ("main@s1,s2,bad/name", errors.EXIT_USAGE, "invalid snapshot name"),
+    ]
+    for target, code, words in refused:
+        result = cowfs("destroy", store, target, check=False)
+        assert result.returncode == code and words in result.stderr, (target, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+    cowfs("hold", store, "main@s7", "--reason", "audit")
+    result = cowfs("destroy", store, "main@s2,s7", check=False)
+    assert result.returncode == errors.EXIT_BUSY and "held (audit)" in result.stderr
+    view = mounts("main@s9")
+    result = cowfs("destroy", store, "main@s2%s9", check=False)
+    assert result.returncode == errors.EXIT_BUSY and "in use" in result.stderr
+    assert len(names()) == 12                         # all or none: nothing went
+    view.umount()
+    cowfs("release", store, "main@s7")
+
+    before = df(store)
+    out = cowfs("destroy", store, "main@s3%s5").stdout
+    assert "destroyed 3 snapshot(s) of main (s3 .. s5)" in out
+    freed = before["chunk_bytes"] - df(store)["chunk_bytes"]
+    assert freed >= 3 * 100_000 and human_in(out, freed)
+    cowfs("destroy", store, "main@%s1")
+    cowfs("destroy", store, "main@s10%")
+    cowfs("destroy", store, "main@s6,s8")
+    assert names() == ["main@s2", "main@s7", "main@s9"]
+    for step in (2, 7, 9):
+        view = mounts(f"main@s{step}", name=f"view{step}")
+        assert len(read(f"{view.path}/f{step}")) == 100_000
+        view.umount()
+
+
+def human_in(text: str, size_bytes: int) -> bool:
+    """The freed figure the command printed is the one df measured."""
+    from cowfs.cli_common import human
+    return f"freed {human(size_bytes)}" in text

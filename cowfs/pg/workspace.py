@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from typing import Optional
 
-from .. import daemon
+from .. import mounting
 from ..errors import BusyError, CowfsError, NotFoundError
 from .server import PgError, PgServer
 
@@ -47,7 +47,7 @@ def unmount(mountpoint: str) -> None:
     """Flush and unmount; retries while the kernel still sees a just-stopped server's files."""
     for attempt in range(UNMOUNT_ATTEMPTS):
         try:
-            daemon.unmount(mountpoint)
+            mounting.unmount(mountpoint)
             return
         except BusyError:
             if attempt == UNMOUNT_ATTEMPTS - 1:
@@ -56,23 +56,23 @@ def unmount(mountpoint: str) -> None:
 
 
 def is_mounted(mountpoint: str) -> bool:
-    return daemon.find_mount(os.path.abspath(mountpoint)) is not None
+    return mounting.find_mount(os.path.abspath(mountpoint)) is not None
 
 
 def mounted_volume(mountpoint: str) -> Optional[dict]:
     """{'store', 'volume', 'pid'} of the cowfs daemon serving a mount point, or None."""
-    entry = daemon.find_mount(os.path.abspath(mountpoint))
-    if entry is None or entry["fstype"] != daemon.FUSE_TYPE:
+    entry = mounting.find_mount(os.path.abspath(mountpoint))
+    if entry is None or entry["fstype"] != mounting.FUSE_TYPE:
         return None
-    return daemon.read_registry(entry["dev"])
+    return mounting.read_registry(entry["dev"])
 
 
 def volume_mountpoint(store_path: str, volume: str) -> Optional[str]:
     """Where a cowfs daemon serves ``volume`` of the store at ``store_path``, or None."""
-    for name in sorted(os.listdir(daemon.registry_dir())):
+    for name in sorted(os.listdir(mounting.registry_dir())):
         if not name.endswith(".json"):
             continue
-        info = daemon.read_registry(name[:-len(".json")].replace("_", ":"))
+        info = mounting.read_registry(name[:-len(".json")].replace("_", ":"))
         if not info or info.get("store") != store_path or info.get("volume") != volume:
             continue
         mnt = info.get("mountpoint")
