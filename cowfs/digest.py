@@ -69,9 +69,16 @@ def store_cached(txn, env, vol_id: int, gen: int, digest: int) -> None:
 # --- computing -------------------------------------------------------------------------------------
 
 def _older_snapshot(txn, env, vol_id: int, gen: int) -> Optional[int]:
-    """The newest snapshot of the volume older than gen (named or kept for a clone)."""
-    older = [g for g, _rec in snapshots.snapshots_of(txn, env, vol_id) if g < gen]
-    return older[-1] if older else None
+    """The newest snapshot of the volume older than gen (named or kept for a clone).
+
+    One cursor seek, not a list of the volume's snapshots: walking back
+    through thousands of uncached snapshots must stay O(snapshots)."""
+    cursor = txn.cursor(db=env.snapshots)
+    found = cursor.prev() if cursor.set_range(schema.snapshot_key(vol_id, gen)) else cursor.last()
+    if not found:
+        return None
+    key = bytes(cursor.key())
+    return schema.read_u64(key, 8) if schema.read_u64(key) == vol_id else None
 
 
 def _plan(txn, env, vol_id: int, gen: int, fresh: dict, use_cache: bool = True) -> tuple[int, list]:
