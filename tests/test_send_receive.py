@@ -123,6 +123,8 @@ def test_full_then_incremental_gives_the_same_trees_and_digests(source, workdir)
             m.close()
     cowfs("clone", dst, "main@s2", "copy")
     assert digest_of(dst, "copy") == digest_of(dst, "main@s2"), "a clone nobody wrote to has its origin's digest"
+    for store in (dst, source["store"]):      # every cached digest recomputed from the records
+        assert "cached digests" in cowfs("fsck", store, "--verify-data").stdout
     fsck_clean(dst)
 
 
