@@ -320,3 +320,21 @@ def diff(store: Store, text_a: str, text_b: str) -> dict:
         report = diff_mod.compare(txn, store.env, a, b, store.chunk_size)
     report["stats"].update(index_stats)
     return {"from": a.label, "to": b.label, **report}
+
+
+# --- content digests -------------------------------------------------------------------------------
+
+def content_digest(store: Store, target: str) -> dict:
+    """The content digest of a snapshot (cached) or of a volume head now (a mounted one flushed
+    first; an unmounted one's intent log was replayed when the store was opened by the CLI)."""
+    from . import digest
+    vol, snap = snapshots.parse_target(target)
+    with store.env.begin() as txn:
+        vol_id = volumes.volume_id(txn, store.env, vol)
+        gen = None if snap is None else snapshots.snapshot_gen(txn, store.env, vol_id, vol, snap)
+    if gen is None:
+        flush_if_mounted(store, vol_id)
+        value = digest.head_digest(store.env, vol_id)
+    else:
+        value = digest.snapshot_digests(store.env, [(vol_id, gen)])[(vol_id, gen)]
+    return dict(name=target, digest=digest.to_hex(value))

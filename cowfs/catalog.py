@@ -23,6 +23,7 @@ All functions are synchronous and take an open LMDB transaction: whatever a
 caller does between two awaits in one transaction is atomic.
 """
 
+import heapq
 from typing import Iterator, Optional
 
 from . import schema
@@ -107,6 +108,29 @@ def scan(txn, env, chain: Chain, kind: bytes, prefix: bytes,
             if record_key not in merged:
                 merged[record_key] = bytes(raw)
     return sorted((k, v[1:]) for k, v in merged.items() if v[:1] == TAG_LIVE)
+
+
+def iter_visible(txn, env, chain: Chain, kind: bytes,
+                 after_key: Optional[bytes] = None) -> Iterator[tuple[bytes, bytes]]:
+    """Visible (record_key, payload) of one kind in record-key order, streamed.
+
+    `scan` without its memory: the levels of the chain are merged as they
+    are read (upper levels shadow lower ones, tombstones included), so a
+    whole volume can be walked in O(chain depth) memory. Only keys greater
+    than `after_key` are returned, so a long walk can go on in a new
+    transaction from where the last one stopped.
+    """
+    cursor_per_level = [txn.cursor(db=env.records) for _ in chain]
+    levels = [((record_key, depth, raw) for record_key, raw
+               in _scan_level(cursor, vol_id, max_gen, kind, b"", after_key or b""))
+              for depth, (cursor, (vol_id, max_gen)) in enumerate(zip(cursor_per_level, chain))]
+    last_key = after_key
+    for record_key, _depth, raw in heapq.merge(*levels):
+        if record_key == last_key:
+            continue                     # shadowed by an upper level, or the resume point
+        last_key = record_key
+        if raw[:1] == TAG_LIVE:
+            yield record_key, bytes(raw[1:])
 
 
 def get_range(txn, env, chain: Chain, kind: bytes, start_key: bytes, end_key: bytes) -> dict[bytes, bytes]:

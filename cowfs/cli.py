@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules():
     """CLI modules of other areas; each has add_commands(sub) and COMMANDS."""
-    from . import cli_lifecycle, cli_ops, cli_pg
-    return (cli_lifecycle, cli_pg, cli_ops)
+    from . import cli_lifecycle, cli_ops, cli_pg, cli_transfer
+    return (cli_lifecycle, cli_pg, cli_ops, cli_transfer)
 
 
 def _add_snapshot_commands(sub) -> None:

@@ -116,7 +116,7 @@ def refresh_index(env, vol_id: int) -> dict:
 def _replay_updates(txn, env, vol_id: int, chain, from_gen: int, to_gen: int) -> list:
     """(dentry key, ino or None) for the directory entries born in (from_gen, to_gen]."""
     updates = []
-    for record_key in changed_keys(txn, env, vol_id, from_gen, to_gen)[schema.KIND_DENTRY]:
+    for record_key in snapshots.changed_keys(txn, env, vol_id, from_gen, to_gen)[schema.KIND_DENTRY]:
         payload = catalog.get(txn, env, chain, schema.KIND_DENTRY, record_key)
         updates.append((record_key, None if payload is None else schema.read_u64(payload)))
     return updates
@@ -224,23 +224,6 @@ class PathResolver:
 
 # --- changed records ------------------------------------------------------------------------------
 
-def changed_keys(txn, env, vol_id: int, lo_gen: int, hi_gen: int) -> dict[bytes, set]:
-    """Record keys of a volume with a version born in (lo_gen, hi_gen], per kind."""
-    out = {kind: set() for kind in (schema.KIND_INODE, schema.KIND_DENTRY, schema.KIND_CHUNK,
-                                    schema.KIND_XATTR)}
-    start, end = schema.born_range(vol_id, lo_gen, hi_gen)
-    cursor = txn.cursor(db=env.born)
-    if not cursor.set_range(start):
-        return out
-    for key, _ in cursor:
-        key = bytes(key)
-        if key >= end:
-            break
-        _vol, _gen, kind, record_key = schema.split_born_key(key)
-        out.setdefault(kind, set()).add(record_key)
-    return out
-
-
 class _Side:
     """One point of the comparison: its chain, inode attributes and paths."""
 
@@ -270,7 +253,7 @@ def compare(txn, env, a: Point, b: Point, chunk_size: int) -> dict:
     """The changes from point a to point b of one volume (either may be the newer)."""
     check_same_volume(a, b)
     side_a, side_b = _Side(txn, env, a), _Side(txn, env, b)
-    keys = changed_keys(txn, env, a.vol_id, min(a.gen, b.gen), max(a.gen, b.gen))
+    keys = snapshots.changed_keys(txn, env, a.vol_id, min(a.gen, b.gen), max(a.gen, b.gen))
     dentries, content = _changed_records(keys, side_a, side_b)
     changes = _link_changes(dentries, side_a, side_b, content, chunk_size)
     renamed = {c["ino"] for c in changes if c["change"] == "renamed"}   # carry their details

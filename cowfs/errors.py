@@ -23,6 +23,7 @@ EXIT_EXISTS = 4         # the thing to create exists already
 EXIT_BUSY = 5           # volume mounted / locked by another process
 EXIT_STORE = 6          # store unusable: unknown format, damaged metadata
 EXIT_IO = 7             # I/O error, disk full
+EXIT_STREAM = 8         # a send stream is damaged, truncated or not a cowfs stream
 
 
 class CowfsError(Exception):
@@ -60,6 +61,12 @@ class StoreError(CowfsError):
 
 class StoreIOError(CowfsError):
     exit_code = EXIT_IO
+
+
+class StreamError(CowfsError):
+    """The input of `cowfs receive` is not a whole, intact cowfs stream: send it again."""
+
+    exit_code = EXIT_STREAM
 
 
 class FsError(Exception):

@@ -11,7 +11,7 @@ import stat
 
 import lmdb
 
-from . import catalog, intent_log, log_replay, schema
+from . import catalog, digest, intent_log, log_replay, schema
 from .errors import StoreError
 from .store import Store
 
@@ -39,6 +39,7 @@ def check(store: Store, verify_data: bool = False, progress=None) -> Report:
         _check_snapshots(txn, env, vols, report)
         _check_holds_and_policies(txn, env, vols, report)
         _check_log_states(txn, env, vols, report)
+        _check_digests(txn, env, verify_data, report)
         for vol_id, record in vols.items():
             try:
                 _check_tree(txn, env, vol_id, record, report)
@@ -124,6 +125,23 @@ def _check_log_states(txn, env, vols: dict, report: Report) -> None:
             if (state.start_offset < intent_log.DATA_START or state.start_offset % intent_log.BLOCK
                     or state.start_seq > state.next_seq):
                 report.add(f"volume {vols[vol_id]['name']}: intent-log state is impossible ({state})")
+
+
+def _check_digests(txn, env, recompute: bool, report: Report) -> None:
+    """A cached content digest names an existing snapshot; with --verify-data it is recomputed
+    from the records, trusting no cached value (each volume's history is walked once)."""
+    fresh: dict = {}
+    for key, _raw in txn.cursor(db=env.digests):
+        vol_id, gen = schema.read_u64(bytes(key)), schema.read_u64(bytes(key), 8)
+        if txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots) is None:
+            report.add(f"cached content digest of generation {gen} of volume id {vol_id} names no snapshot")
+            continue
+        report.counts["cached digests"] += 1
+        if recompute:
+            expected = digest.point_digest(txn, env, vol_id, gen, fresh, use_cache=False)
+            if digest.cached(txn, env, vol_id, gen) != expected:
+                report.add(f"cached content digest of generation {gen} of volume id {vol_id} is wrong "
+                           f"(the records give {digest.to_hex(expected)}); delete it and it is computed again")
 
 
 # --- records ------------------------------------------------------------------------------

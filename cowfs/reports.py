@@ -1,12 +1,13 @@
 """Reports of a store: volumes and snapshots with their space, schedules, df.
 
 Read-only: each report is one LMDB read transaction and returns data (lists
-and dicts); the CLI words it.
+and dicts); the CLI words it. (The listing first fills the content-digest
+cache for snapshots that have none yet, see `digest.snapshot_digests`.)
 """
 
 from typing import Optional
 
-from . import catalog, policy, schema, scheduling, snapshots, volumes
+from . import catalog, digest, policy, schema, scheduling, snapshots, volumes
 from .policy import fmt_utc
 from .store import Store
 
@@ -16,8 +17,12 @@ def listing(store: Store) -> list[dict]:
     env = store.env
     rows = []
     with env.begin() as txn:
+        named = [(vol_id, gen) for _name, vol_id in volumes.list_volumes(txn, env)
+                 for gen, snap in snapshots.snapshots_of(txn, env, vol_id) if snap["name"]]
+    digests = digest.snapshot_digests(env, named)      # computed and cached the first time only
+    with env.begin() as txn:
         for name, vol_id in volumes.list_volumes(txn, env):
-            rows.extend(_volume_rows(txn, env, vol_id, name))
+            rows.extend(_volume_rows(txn, env, vol_id, name, digests))
     return rows
 
 
@@ -30,7 +35,8 @@ def _origin(txn, env, record: dict) -> Optional[str]:
     return f"{parent['name']}@{snap_name or '(destroyed)'}"
 
 
-def _volume_rows(txn, env, vol_id: int, name: str) -> list[dict]:
+def _volume_rows(txn, env, vol_id: int, name: str, digests: dict) -> list[dict]:
+    """digests: {(vol_id, gen): content digest} of the snapshots (a head's is not listed: it moves)."""
     record = volumes.volume_record(txn, env, vol_id)
     rows = []
     prev_gen = 0
@@ -49,7 +55,8 @@ def _volume_rows(txn, env, vol_id: int, name: str) -> list[dict]:
                 clones=snapshots.dependents(txn, env, vol_id, gen),
                 auto=bool(snap["flags"] & schema.SNAP_FLAG_AUTO), held=held is not None,
                 hold_reason=None if held is None else held["reason"],
-                held_since=None if held is None else fmt_utc(held["created_ns"])))
+                held_since=None if held is None else fmt_utc(held["created_ns"]),
+                digest=digest.to_hex(digests[(vol_id, gen)]) if (vol_id, gen) in digests else None))
         prev_gen = gen
     head = record["head_gen"]
     rows.insert(0, dict(
@@ -58,7 +65,7 @@ def _volume_rows(txn, env, vol_id: int, name: str) -> list[dict]:
         written_bytes=snapshots.written_bytes(txn, env, vol_id, prev_gen, head),
         unique_bytes=snapshots.bytes_freed(txn, env, list(snapshots._dead_for_point(txn, env, vol_id, head))),
         clones=[], auto=False, held=False, hold_reason=None, held_since=None,
-        policy=_policy_text(txn, env, vol_id)))
+        policy=_policy_text(txn, env, vol_id), digest=None))
     return rows
 
 

@@ -72,6 +72,12 @@ Sub-databases (name: key -> value):
                     the dentries as indexed (to know what a change replaced).
                 vol_id u64 | b"R" | ino u64 | parent_ino u64 | name | 0x00 -> b""
                     every name of an inode: ino -> path in O(depth).
+``digests``     vol_id u64 | gen u64 -> algorithm u8 (DIGEST_ALGORITHM) | digest (16 bytes)
+                Content digest of the snapshot (vol_id, gen), a cache kept by
+                `digest`: computed on first use from the nearest older cached
+                point plus the ``born`` log in between, O(changes). Snapshots
+                are immutable, so an entry never goes stale; it is deleted
+                with its snapshot record. Dropping it loses nothing.
 
 Snapshot record flags (``snapshots`` value): SNAP_FLAG_AUTO marks a snapshot
 taken by a schedule; only those are ever pruned.
@@ -104,7 +110,7 @@ MAX_GEN = (1 << 64) - 1
 
 DB_NAMES = ("meta", "volumes", "volnames", "snapshots", "snapnames",
             "records", "born", "chunks", "packs", "orphans",
-            "holds", "policies", "paths", "logs")
+            "holds", "policies", "paths", "logs", "digests")
 
 KIND_INODE = b"I"
 KIND_DENTRY = b"D"
@@ -116,6 +122,8 @@ SNAP_FLAG_AUTO = 1                  # taken by a schedule (policy); prunable
 PATHS_GEN = b"G"
 PATHS_FORWARD = b"F"
 PATHS_REVERSE = b"R"
+
+DIGEST_ALGORITHM = 1                # sum mod 2**128 of xxh3-128 per visible record, see `digest`
 
 TAG_TOMBSTONE = b"\x00"
 TAG_LIVE = b"\x01"
@@ -279,6 +287,10 @@ def paths_reverse_key(vol_id: int, ino: int, parent_ino: int, name: bytes) -> by
 
 def paths_reverse_prefix(vol_id: int, ino: int) -> bytes:
     return _U64.pack(vol_id) + PATHS_REVERSE + _U64.pack(ino)
+
+
+def digest_key(vol_id: int, gen: int) -> bytes:
+    return _U64.pack(vol_id) + _U64.pack(gen)
 
 
 def split_paths_reverse_key(raw: bytes) -> tuple[int, bytes]:

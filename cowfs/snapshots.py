@@ -324,7 +324,7 @@ def destroy_snapshot(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> 
                 db=env.snapshots)
         return dict(target=f"{vol_name}@{snap}", kept_for=holders)
     _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, gen)), batch)
-    txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+    _delete_snapshot_record(txn, env, vol_id, gen)
     _collect_hidden(txn, env, vol_id, batch)
     return dict(target=f"{vol_name}@{snap}", kept_for=[])
 
@@ -355,8 +355,14 @@ def destroy_volume(txn, env, vol_id: int, name: str, batch) -> dict:
             kept.extend(dependents(txn, env, vol_id, gen))
         else:
             _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, gen)), batch)
-            txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+            _delete_snapshot_record(txn, env, vol_id, gen)
     return dict(target=name, kept_for=sorted(set(kept)))
+
+
+def _delete_snapshot_record(txn, env, vol_id: int, gen: int) -> None:
+    """The snapshot (vol_id, gen) is gone: its record and its cached content digest."""
+    txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+    txn.delete(schema.digest_key(vol_id, gen), db=env.digests)
 
 
 def _forget_lifecycle(txn, env, vol_id: int) -> None:
@@ -371,7 +377,7 @@ def _remove_volume(txn, env, vol_id: int, batch) -> None:
     record = volumes.volume_record(txn, env, vol_id)
     _free(txn, env, vol_id, list(_all_versions(txn, env, vol_id)), batch)
     for gen, snap in snapshots_of(txn, env, vol_id):
-        txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+        _delete_snapshot_record(txn, env, vol_id, gen)
         if snap["name"]:
             txn.delete(schema.snapname_key(vol_id, snap["name"]), db=env.snapnames)
     _delete_prefix(txn, env.orphans, schema.vol_prefix(vol_id))
@@ -390,7 +396,7 @@ def _release_parent_snapshot(txn, env, vol_id: int, gen: int, batch) -> None:
         _collect_hidden(txn, env, vol_id, batch)
         return
     _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, gen)), batch)
-    txn.delete(schema.snapshot_key(vol_id, gen), db=env.snapshots)
+    _delete_snapshot_record(txn, env, vol_id, gen)
     _collect_hidden(txn, env, vol_id, batch)
 
 
@@ -540,3 +546,20 @@ def written_bytes(txn, env, vol_id: int, lo: int, hi: int) -> int:
             entry = txn.get(bytes(raw[1:]), db=env.chunks)
             total += schema.unpack_chunk(entry)[2]
     return total
+
+
+def changed_keys(txn, env, vol_id: int, lo_gen: int, hi_gen: int) -> dict[bytes, set]:
+    """Record keys of a volume with a version born in (lo_gen, hi_gen], per kind."""
+    out = {kind: set() for kind in (schema.KIND_INODE, schema.KIND_DENTRY, schema.KIND_CHUNK,
+                                    schema.KIND_XATTR)}
+    start, end = schema.born_range(vol_id, lo_gen, hi_gen)
+    cursor = txn.cursor(db=env.born)
+    if not cursor.set_range(start):
+        return out
+    for key, _ in cursor:
+        key = bytes(key)
+        if key >= end:
+            break
+        _vol, _gen, kind, record_key = schema.split_born_key(key)
+        out.setdefault(kind, set()).add(record_key)
+    return out

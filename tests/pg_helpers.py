@@ -118,6 +118,16 @@ def store_mounts(store: str) -> list:
             if m["registry"] and m["registry"].get("store") == os.path.abspath(store)]
 
 
+def start_ledger_cluster(server: PgServer, socket_dir: str, started: list, scale: int) -> None:
+    """A new cluster with data checksums, started (and added to `started` for the teardown),
+    holding pgbench's tables at `scale` and the table `ledger` of `test_crash.Ledger`."""
+    server.initdb(data_checksums=True)
+    server.start(free_port(), socket_dir)
+    started.append(server)
+    server.pgbench_init(scale)
+    server.psql("CREATE TABLE ledger (n bigint PRIMARY KEY)")
+
+
 class PgbenchLoop:
     """pgbench in rounds of a few seconds until stopped; every round must succeed."""
 

@@ -158,7 +158,8 @@ def test_sigterm_to_the_daemon_flushes_and_unmounts(store, workdir):
 def test_exit_codes_are_pinned():
     """Scripts test these numbers; changing one is an interface change."""
     assert (errors.EXIT_OK, errors.EXIT_FAILURE, errors.EXIT_USAGE, errors.EXIT_NOT_FOUND,
-            errors.EXIT_EXISTS, errors.EXIT_BUSY, errors.EXIT_STORE, errors.EXIT_IO) == (0, 1, 2, 3, 4, 5, 6, 7)
+            errors.EXIT_EXISTS, errors.EXIT_BUSY, errors.EXIT_STORE, errors.EXIT_IO,
+            errors.EXIT_STREAM) == (0, 1, 2, 3, 4, 5, 6, 7, 8)
 
 
 BAD_NAMES = {
@@ -191,6 +192,11 @@ NAME_SLOTS = {
     "diff": (["diff", "STORE", "main@{}", "main"], True),
     "prune": (["prune", "STORE", "{}"], True),
     "policy": (["policy", "STORE", "{}", "--every", "1h", "--keep", "3"], True),
+    "send-vol": (["send", "STORE", "{}@s1"], True),
+    "send-snap": (["send", "STORE", "main@{}"], True),
+    "send-from": (["send", "STORE", "main@s1", "--from", "main@{}"], True),
+    "digest": (["digest", "STORE", "main@{}"], True),
+    "receive-vol": (["receive", "STORE", "{}", "--input", "/dev/null"], False),
 }
 # Slots that take a whole VOL or VOL@SNAP target: "a@b" is well formed there (volume a).
 WHOLE_TARGET_SLOTS = {"destroy-vol", "rename-old", "mount-volume"}
@@ -254,6 +260,9 @@ def test_nul_in_a_name_is_refused_by_the_name_check():
     ["mount", "STORE", "MNT", "--commit-interval", "-1"],
     ["mount", "STORE", "MNT", "--commit-interval", "nan"],
     ["mount", "STORE", "MNT", "--commit-interval", "0"],
+    ["send", "STORE", "main"],
+    ["send", "STORE", "main@s1", "--from", "main@s1"],
+    ["receive"],
 ])
 def test_missing_or_out_of_range_arguments_are_usage_errors(shared_store, args):
     store, mnt = shared_store
@@ -268,13 +277,14 @@ def test_missing_or_out_of_range_arguments_are_usage_errors(shared_store, args):
         assert f" {mnt} " not in f.read(), "a refused mount left a mount behind"
 
 
-@pytest.mark.parametrize("command", ["list", "gc", "df", "fsck", "scrub", "snapshot", "destroy"])
+@pytest.mark.parametrize("command", ["list", "gc", "df", "fsck", "scrub", "snapshot", "destroy", "send",
+                                     "digest"])
 def test_store_argument_that_is_no_store(workdir, command):
     plain = os.path.join(workdir, "plain")
     os.mkdir(plain)
     a_file = os.path.join(workdir, "a-file")
     open(a_file, "w").close()
-    extra = ["main@s"] if command in ("snapshot", "destroy") else []
+    extra = ["main@s"] if command in ("snapshot", "destroy", "send", "digest") else []
     for path, code in ((os.path.join(workdir, "missing"), errors.EXIT_NOT_FOUND), (plain, errors.EXIT_STORE),
                        (a_file, errors.EXIT_STORE)):
         assert_one_line_error(cowfs(command, path, *extra, check=False), code)

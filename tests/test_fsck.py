@@ -278,3 +278,20 @@ def test_policy_of_a_missing_volume(built):
         c1 = vol_id(raw, "c1")
         raw.put("policies", schema.policy_key(77), dict(raw.items("policies"))[schema.policy_key(c1)])
     assert "snapshot policy of missing volume id 77" in fsck_problems(built)
+
+
+def test_cached_digest_of_a_missing_snapshot(built):
+    cowfs("list", built)                   # caches the digest of main@s1
+    with Raw(built) as raw:
+        assert len(raw.items("digests")) == 1
+        raw.put("digests", schema.digest_key(vol_id(raw, "main"), 999), raw.items("digests")[0][1])
+    assert "cached content digest of generation 999" in fsck_problems(built)
+
+
+def test_wrong_cached_digest_found_by_verify_data(built):
+    cowfs("list", built)
+    with Raw(built) as raw:
+        key, value = raw.items("digests")[0]
+        raw.put("digests", key, value[:1] + bytes(16))
+    fsck_clean(built)      # the cache is well formed; only recomputing it shows the damage
+    assert "is wrong" in fsck_problems(built, "--verify-data")

@@ -15,6 +15,7 @@ import pytest
 
 from cowfs.pg import PgServer, free_port
 from helpers import Mount, cowfs, fsck_clean
+from pg_helpers import start_ledger_cluster
 from test_crash import Client, Ledger
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -51,11 +52,7 @@ def pgbench_ok(client: Client) -> None:
 def test_snapshot_of_running_cluster_clones_into_second_server(servers, store, workdir):
     live, clone, clone_mount, started = servers
     socket_dir = os.path.join(workdir, "pgrun")
-    live.initdb(data_checksums=True)
-    live.start(free_port(), socket_dir)
-    started.append(live)
-    live.pgbench_init(SCALE)
-    live.psql("CREATE TABLE ledger (n bigint PRIMARY KEY)")
+    start_ledger_cluster(live, socket_dir, started, SCALE)
 
     load = Client(live, "pgbench", "-c", str(CLIENTS), "-j", str(CLIENTS), "-T", "30", "postgres")
     ledger = Ledger(live, 1, os.path.join(workdir, "ledger.err"))
