@@ -55,6 +55,7 @@ POINTS = {
     "gc.copied": "gc copied live chunks to a new pack and synced it, nothing committed",
     "gc.moved": "gc committed the new chunk locations, the old pack still exists",
     "gc.dropping": "gc committed the removal of an empty pack's statistics, file not unlinked",
+    "gc.punched": "gc punched the dead ranges of a pack it does not compact",
     "receive.staged": "a receive appended the chunks of one more chunk frame; nothing synced or committed",
     "receive.synced": "a receive made every chunk it wrote durable; nothing committed",
     "receive.committing": "a receive's transaction is complete (snapshot, digest checked), not committed",

@@ -22,7 +22,10 @@ Sub-databases (name: key -> value):
 ``volnames``    utf-8 name -> vol_id u64
 ``snapshots``   vol_id u64 | gen u64 -> SnapshotRecord; gen is the generation the
                 snapshot froze (reads as of gen). Name b"" = unnamed but kept
-                because a clone depends on it.
+                because a clone depends on it. After the name, if the volume
+                had orphans when the snapshot was taken: b"\0" and their inode
+                numbers (u64 each), so that a clone or a rollback of it knows
+                them (see ``orphans``).
 ``snapnames``   vol_id u64 | utf-8 name -> gen u64
 ``records``     vol_id u64 | kind u8 | record key | inv_gen u64 -> tag u8 + payload
                 The versioned catalog. inv_gen = 2**64-1-gen, so for one record
@@ -313,13 +316,18 @@ def unpack_volume(raw: bytes) -> dict:
                 name=bytes(raw[_VOLUME.size:]).decode())
 
 
-def pack_snapshot(created_ns: int, name: str, flags: int = 0) -> bytes:
-    return _SNAPSHOT.pack(created_ns, flags) + name.encode()
+def pack_snapshot(created_ns: int, name: str, flags: int = 0, orphans=()) -> bytes:
+    # Names never hold a NUL (volumes.check_name), so it can mark where the
+    # orphan list starts; records written before the list existed have none.
+    tail = b"\0" + b"".join(_U64.pack(ino) for ino in orphans) if orphans else b""
+    return _SNAPSHOT.pack(created_ns, flags) + name.encode() + tail
 
 
 def unpack_snapshot(raw: bytes) -> dict:
     created_ns, flags = _SNAPSHOT.unpack_from(raw)
-    return dict(created_ns=created_ns, flags=flags, name=bytes(raw[_SNAPSHOT.size:]).decode())
+    name, _, tail = bytes(raw[_SNAPSHOT.size:]).partition(b"\0")
+    orphans = [_U64.unpack_from(tail, at)[0] for at in range(0, len(tail), 8)]
+    return dict(created_ns=created_ns, flags=flags, name=name.decode(), orphans=orphans)
 
 
 POLICY_FIELDS = ("every_s", "keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly")

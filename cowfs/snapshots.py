@@ -136,7 +136,10 @@ def take(txn, env, vol_id: int, name: str, created_ns: Optional[int] = None, fla
         raise ExistsError(f"volume {record['name']} already has a snapshot {name!r}")
     gen = record["head_gen"]
     created_ns = time.time_ns() if created_ns is None else created_ns
-    txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(created_ns, name, flags), db=env.snapshots)
+    # The volume's orphans (unlinked, still open) go with the snapshot: its
+    # tree holds them with no name, and a clone or a rollback of it must free them.
+    txn.put(schema.snapshot_key(vol_id, gen),
+            schema.pack_snapshot(created_ns, name, flags, orphans_of(txn, env, vol_id)), db=env.snapshots)
     txn.put(schema.snapname_key(vol_id, name), schema.u64(gen), db=env.snapnames)
     record["head_gen"] = gen + 1
     volumes.put_volume_record(txn, env, vol_id, record)
@@ -154,7 +157,32 @@ def clone(txn, env, vol_id: int, gen: int, new_name: str) -> int:
         head_gen=volumes.FIRST_GEN, parent_vol_id=vol_id, parent_gen=gen,
         next_ino=source["next_ino"], created_ns=time.time_ns(), name=new_name, flags=0))
     txn.put(new_name.encode(), schema.u64(new_id), db=env.volnames)
+    _set_orphans(txn, env, new_id, _snapshot_record(txn, env, vol_id, gen)["orphans"])
     return new_id
+
+
+def orphans_of(txn, env, vol_id: int) -> list[int]:
+    """Inodes of the volume's head unlinked while open, freed at its next mount."""
+    prefix = schema.vol_prefix(vol_id)
+    cursor = txn.cursor(db=env.orphans)
+    out = []
+    if cursor.set_range(prefix):
+        for key, _ in cursor:
+            if not bytes(key).startswith(prefix):
+                break
+            out.append(schema.split_vol_gen_key(bytes(key))[1])
+    return out
+
+
+def _set_orphans(txn, env, vol_id: int, inos) -> None:
+    """The head's orphans become `inos`: those of the snapshot the head now reads as."""
+    _delete_prefix(txn, env.orphans, schema.vol_prefix(vol_id))
+    for ino in inos:
+        txn.put(schema.orphan_key(vol_id, ino), b"", db=env.orphans)
+
+
+def _snapshot_record(txn, env, vol_id: int, gen: int) -> dict:
+    return schema.unpack_snapshot(bytes(txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots)))
 
 
 # --- holds ------------------------------------------------------------------------------------
@@ -319,8 +347,9 @@ def destroy_snapshot(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> 
     holders = dependents(txn, env, vol_id, gen)
     txn.delete(schema.snapname_key(vol_id, snap), db=env.snapnames)
     if holders:
-        record = schema.unpack_snapshot(txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots))
-        txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(record["created_ns"], ""),
+        record = _snapshot_record(txn, env, vol_id, gen)
+        txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(record["created_ns"], "",
+                                                                       orphans=record["orphans"]),
                 db=env.snapshots)
         return dict(target=f"{vol_name}@{snap}", kept_for=holders)
     _free(txn, env, vol_id, list(_dead_for_point(txn, env, vol_id, gen)), batch)
@@ -350,7 +379,8 @@ def destroy_volume(txn, env, vol_id: int, name: str, batch) -> dict:
         if snap["name"]:
             txn.delete(schema.snapname_key(vol_id, snap["name"]), db=env.snapnames)
         if dependents(txn, env, vol_id, gen):
-            txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(snap["created_ns"], ""),
+            txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(snap["created_ns"], "",
+                                                                           orphans=snap["orphans"]),
                     db=env.snapshots)
             kept.extend(dependents(txn, env, vol_id, gen))
         else:
@@ -440,7 +470,7 @@ def rollback(txn, env, vol_id: int, vol_name: str, snap: str, batch) -> dict:
                 batch.ref(payload)
         if old is not None and kind == schema.KIND_CHUNK:
             batch.unref(old)
-    _delete_prefix(txn, env.orphans, schema.vol_prefix(vol_id))
+    _set_orphans(txn, env, vol_id, _snapshot_record(txn, env, vol_id, target_gen)["orphans"])
     return dict(volume=vol_name, snapshot=snap, undo=undo_name)
 
 
@@ -461,10 +491,11 @@ def rename_snapshot(txn, env, vol_id: int, vol_name: str, old: str, new: str) ->
     gen = snapshot_gen(txn, env, vol_id, vol_name, old)
     if txn.get(schema.snapname_key(vol_id, new), db=env.snapnames) is not None:
         raise ExistsError(f"volume {vol_name} already has a snapshot {new!r}")
-    record = schema.unpack_snapshot(txn.get(schema.snapshot_key(vol_id, gen), db=env.snapshots))
+    record = _snapshot_record(txn, env, vol_id, gen)
     # A renamed snapshot is one somebody chose to keep: it stops being automatic,
     # so its schedule never prunes it.
-    txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(record["created_ns"], new),
+    txn.put(schema.snapshot_key(vol_id, gen), schema.pack_snapshot(record["created_ns"], new,
+                                                                   orphans=record["orphans"]),
             db=env.snapshots)
     txn.delete(schema.snapname_key(vol_id, old), db=env.snapnames)
     txn.put(schema.snapname_key(vol_id, new), schema.u64(gen), db=env.snapnames)
