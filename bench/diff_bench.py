@@ -58,10 +58,10 @@ def build_volume(store: Store, name: str, files: int, file_bytes: int, pool: lis
         if n % FILES_PER_DIR == 0:
             directory = fs.make(base.ino, str(n // FILES_PER_DIR).encode(), stat.S_IFDIR | 0o700, 0, 0)
         inode = fs.make(directory.ino, str(n).encode(), stat.S_IFREG | 0o600, 0, 0)
-        fs.open(inode.ino, writable=True)
+        fh = fs.open(inode.ino, writable=True)
         for offset in range(0, file_bytes, 16 * cs):
             fs.write(inode.ino, offset, b"".join(pool[(offset // cs + i + n) % len(pool)] for i in range(16)))
-        fs.release(inode.ino)
+        fs.release(fh)
     fs.flush_all()
     return time.perf_counter() - started
 
@@ -77,9 +77,9 @@ def apply_changes(store: Store, name: str, files: int, file_bytes: int, seed: in
     rename = picked[len(rewrite) + len(remove):]
     for n in rewrite:
         inode = _file(fs, base, n)
-        fs.open(inode.ino, writable=True)
+        fh = fs.open(inode.ino, writable=True)
         fs.write(inode.ino, rng.randrange(file_bytes // 8192) * 8192, os.urandom(8192))
-        fs.release(inode.ino)
+        fs.release(fh)
     for n in remove:
         fs.remove(_dir(fs, base, n).ino, str(n).encode(), is_dir=False)
     for n in rename:
@@ -88,9 +88,9 @@ def apply_changes(store: Store, name: str, files: int, file_bytes: int, seed: in
     d0 = fs.lookup(base.ino, b"0")
     for i in range(CHANGES["files_created"]):
         inode = fs.make(d0.ino, f"new-{seed}-{i}".encode(), stat.S_IFREG | 0o600, 0, 0)
-        fs.open(inode.ino, writable=True)
+        fh = fs.open(inode.ino, writable=True)
         fs.write(inode.ino, 0, os.urandom(8192))
-        fs.release(inode.ino)
+        fs.release(fh)
     fs.flush_all()
 
 

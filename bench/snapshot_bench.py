@@ -51,12 +51,12 @@ def build_volume(store: Store, name: str, logical_bytes: int, distinct_chunks: i
     written, file_no = 0, 0
     while written < logical_bytes:
         inode = fs.make(schema.ROOT_INO, f"seg.{file_no}".encode(), 0o100600, 0, 0)
-        fs.open(inode.ino, writable=True)
+        fh = fs.open(inode.ino, writable=True)
         file_bytes = min(FILE_BYTES, logical_bytes - written)
         for offset in range(0, file_bytes, 16 * cs):
             block = b"".join(pool[(offset // cs + i + file_no) % distinct_chunks] for i in range(16))
             fs.write(inode.ino, offset, block[: file_bytes - offset])
-        fs.release(inode.ino)
+        fs.release(fh)
         written += file_bytes
         file_no += 1
     fs.flush_all()

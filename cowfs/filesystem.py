@@ -83,6 +83,9 @@ class Filesystem(NamespaceOps):
         self.dirty_bytes = 0
         self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
         self._next_dir_fh = 1
+        # Open files: fh -> (ino, the store's fill count when opened), see `namespace.fsync_target`.
+        self._file_handles: dict[int, tuple[int, int]] = {}
+        self._next_file_fh = 1
         self.stopped: Optional[str] = None     # why the volume stopped (rule 3), or None
         self._inflight: Optional[FlushJob] = None
         # Changes committed (namespace, truncate, snapshot), and how many of

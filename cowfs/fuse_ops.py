@@ -151,8 +151,8 @@ class FuseOps(pyfuse3.Operations):
     @_gate
     async def create(self, parent_inode, name, mode, flags, ctx):
         inode = self.fs.make(parent_inode, name, mode, ctx.uid, ctx.gid)
-        self.fs.open(inode.ino, writable=True)
-        return pyfuse3.FileInfo(fh=inode.ino), self._entry(inode)
+        fh = self.fs.open(inode.ino, writable=True)
+        return pyfuse3.FileInfo(fh=fh), self._entry(inode)
 
     @_gate
     async def link(self, inode, new_parent_inode, new_name, ctx):
@@ -173,15 +173,15 @@ class FuseOps(pyfuse3.Operations):
     @_gate
     async def open(self, inode, flags, ctx):
         writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
-        self.fs.open(inode, writable, truncate=bool(flags & os.O_TRUNC))
+        fh = self.fs.open(inode, writable, truncate=bool(flags & os.O_TRUNC))
         # keep_cache: the kernel's pages stay valid across opens, only this
         # daemon changes the file and every change passes through the kernel.
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_gate
     async def read(self, fh, off, size):
         for attempt in range(READ_ATTEMPTS):
-            plan = self.fs.plan_read(fh, off, size)
+            plan = self.fs.plan_read(self.fs.handle_ino(fh), off, size)
             try:
                 if plan.stored_chunks >= OFFLOAD_READ_MIN_CHUNKS:
                     # Large reads (sequential read-ahead) wait for the disk in a
@@ -196,7 +196,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_gate
     async def write(self, fh, off, buf):
-        return self.fs.write(fh, off, buf)
+        return self.fs.write(self.fs.handle_ino(fh), off, buf)
 
     @_gate
     async def flush(self, fh):
@@ -212,7 +212,7 @@ class FuseOps(pyfuse3.Operations):
         # Rule 2: returns after a commit of this file's writes that started
         # after this call; it runs in a worker thread, shared with concurrent
         # fsyncs. Other files' buffered writes wait for their own fsync.
-        await self.committer.sync(fh)
+        await self.committer.sync(self.fs.fsync_target(fh))
 
     @_gate
     async def opendir(self, inode, ctx):

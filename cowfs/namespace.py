@@ -272,8 +272,8 @@ class NamespaceOps:
 
     # --- open files ----------------------------------------------------------------------
 
-    def open(self, ino: int, writable: bool, truncate: bool = False) -> Inode:
-        """An open file handle; `truncate` is O_TRUNC.
+    def open(self, ino: int, writable: bool, truncate: bool = False) -> int:
+        """A new file handle (fh) on `ino`; `truncate` is O_TRUNC.
 
         The kernel passes O_TRUNC to us instead of sending a setattr (FUSE's
         atomic O_TRUNC) and already shows the file as empty, so ignoring the
@@ -287,10 +287,40 @@ class NamespaceOps:
         if truncate and inode.attrs["size"] != 0:
             self._truncate(inode, 0)
         inode.opens += 1
-        return inode
+        fh = self._next_file_fh
+        self._next_file_fh += 1
+        self._file_handles[fh] = (ino, self.store.packs.space.fills)
+        return fh
 
-    def release(self, ino: int) -> None:
-        inode = self.inodes.get(ino)
+    def handle_ino(self, fh: int) -> int:
+        return self._file_handles[fh][0]
+
+    def fsync_target(self, fh: int) -> int:
+        """The inode an fsync on `fh` syncs; ENOSPC if the store filled up
+        after `fh` was opened and is still full.
+
+        The grace (`space`) is for the writes buffered when the store filled
+        and for the crash recovery that follows; a writer that goes on
+        writing and fsyncing through the handles it had open would use it
+        up first (PostgreSQL keeps committing through its WAL file for
+        seconds until its checkpointer's failed fsync makes it PANIC), and
+        then the restart finds no space to recover in. So those handles
+        fail every fsync until space is back, as on a full plain disk;
+        files opened since (the restarted server's) may use the grace.
+        """
+        ino, fills_at_open = self._file_handles[fh]
+        space = self.store.packs.space
+        if space.grace_open and space.fills > fills_at_open:
+            space.available()         # closes the grace if space is back meanwhile
+        if space.grace_open and space.fills > fills_at_open:
+            raise FsError(errno.ENOSPC, f"store {self.store.path} filled up after this file was "
+                                        f"opened; delete files or destroy snapshots ('cowfs df "
+                                        f"{self.store.path}' shows what frees space)")
+        return ino
+
+    def release(self, fh: int) -> None:
+        entry = self._file_handles.pop(fh, None)
+        inode = self.inodes.get(entry[0]) if entry is not None else None
         if inode is None:
             return
         inode.opens -= 1

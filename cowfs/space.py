@@ -13,6 +13,11 @@ three levels, from the top down:
   `DROP TABLE`: the grace is what lets that restart finish. (A plain disk
   allocates blocks at write(2) time and overwrites in place, so there the
   restart needs no new space; a copy-on-write store needs this cushion.)
+  The files that were open when it opened fail every fsync while it is
+  open (`namespace.fsync_target`): a writer that goes on writing through
+  them -- PostgreSQL commits through its WAL file for seconds before its
+  checkpointer PANICs -- would otherwise use the grace up before its own
+  restart needs it.
 * the **reserve** is for the commits that free space -- unlink, destroy,
   gc (LMDB is copy-on-write and needs new pages even to delete) -- and for
   the few chunk writes of operations that free more than they write (gc
@@ -62,6 +67,7 @@ class SpaceBudget:
     def __init__(self, path: str):
         self.path = path
         self.grace_open = False
+        self.fills = 0            # times the grace opened (`namespace.fsync_target`)
         # gc turns this off: its writes are part of freeing space.
         self.keep_reserve = True
 
@@ -86,6 +92,7 @@ class SpaceBudget:
         """A flush failed for space: let the next commits use the grace."""
         if not self.grace_open:
             self.grace_open = True
+            self.fills += 1
             log.warning("the store's filesystem (%s) is full: the grace space opens for the "
                         "buffered writes and a crash recovery; delete data to get space back",
                         self.path)

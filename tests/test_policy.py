@@ -50,9 +50,9 @@ def write_files(store_path: str, files: dict) -> None:
                     inode = fs.lookup(schema.ROOT_INO, name.encode())
                 except FsError:
                     inode = fs.make(schema.ROOT_INO, name.encode(), 0o100644, 0, 0)
-                fs.open(inode.ino, writable=True)
+                fh = fs.open(inode.ino, writable=True)
                 fs.write(inode.ino, 0, data)
-                fs.release(inode.ino)
+                fs.release(fh)
             fs.flush_all()
     finally:
         store.close()

@@ -178,6 +178,49 @@ def test_gc_on_a_full_store_never_fails_with_a_traceback_and_frees_what_is_dead(
     assert read_file(f"{mount.path}/keep") == keep
 
 
+def test_a_file_open_when_the_store_filled_fails_its_fsyncs_until_space_is_back(disk, workdir):
+    """The grace is for the writes buffered when the store filled and for a
+    crash recovery. A writer that keeps writing through the handles it had
+    open (PostgreSQL's WAL file) gets ENOSPC at every fsync instead of using
+    the grace up; a file opened afterwards (the restarted server's) may use
+    it; once deleting has brought space back, the old handle works again."""
+    store = os.path.join(disk, "store")
+    cowfs("init", store)
+    mount = Mount(store, os.path.join(workdir, "mnt")).mount()
+    try:
+        wal = os.open(f"{mount.path}/wal", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(wal, b"a" * 8192, 0)
+            os.fsync(wal)
+            assert fill_until_enospc(f"{mount.path}/fill") > 0       # the grace opens
+            os.pwrite(wal, b"b" * 8192, 0)
+            with pytest.raises(OSError) as refused:
+                os.fsync(wal)
+            assert refused.value.errno == errno.ENOSPC
+            write_file(f"{mount.path}/recovery", b"r" * 8192)       # opened after: the grace
+            again = os.open(f"{mount.path}/wal", os.O_WRONLY)
+            try:
+                os.pwrite(again, b"c" * 8192, 0)
+                os.fsync(again)
+            finally:
+                os.close(again)
+            os.unlink(f"{mount.path}/fill")
+            st = os.statvfs(disk)
+            wait_for_free(disk, space.reserve_bytes(st) + 2 * space.grace_bytes(st) + MIB)
+            os.pwrite(wal, b"d" * 8192, 0)
+            os.fsync(wal)                                             # space is back
+        finally:
+            os.close(wal)
+        mount.umount()
+        fsck_clean(store)
+        mount.mount()
+        assert read_file(f"{mount.path}/wal") == b"d" * 8192
+        assert read_file(f"{mount.path}/recovery") == b"r" * 8192
+    finally:
+        mount.close()
+    fsck_clean(store)
+
+
 def test_a_snapshot_holding_the_deleted_data_is_named_by_df_and_destroying_it_frees_the_space(
         disk, workdir):
     store = os.path.join(disk, "store")
