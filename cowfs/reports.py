@@ -1,8 +1,8 @@
 """Reports of a store: volumes and snapshots with their space, schedules, df.
 
 Read-only: each report is one LMDB read transaction and returns data (lists
-and dicts); the CLI words it. (The listing first fills the content-digest
-cache for snapshots that have none yet, see `digest.snapshot_digests`.)
+and dicts); the CLI words it. (The listing fills the content-digest cache
+for snapshots one step from a cached one, see `digest.snapshot_digests`.)
 """
 
 from typing import Optional
@@ -19,7 +19,9 @@ def listing(store: Store) -> list[dict]:
     with env.begin() as txn:
         named = [(vol_id, gen) for _name, vol_id in volumes.list_volumes(txn, env)
                  for gen, snap in snapshots.snapshots_of(txn, env, vol_id) if snap["name"]]
-    digests = digest.snapshot_digests(env, named)      # computed and cached the first time only
+    # Cached, or computed in O(changes) from a cached one; never a first pass
+    # over a volume (`cowfs digest` and `send` make that one).
+    digests = digest.snapshot_digests(env, named, first_pass=False)
     with env.begin() as txn:
         for name, vol_id in volumes.list_volumes(txn, env):
             rows.extend(_volume_rows(txn, env, vol_id, name, digests))

@@ -398,3 +398,19 @@ def test_clone_and_rollback_of_a_snapshot_with_a_file_unlinked_while_open(store,
     fsck_clean(store)                                  # the head reads as the snapshot: orphan and all
     main.mount()
     assert sorted(os.listdir(main.path)) == ["kept"] and read(f"{main.path}/kept") == b"k" * 50_000
+
+
+def test_list_never_reads_a_whole_volume_for_a_digest(store, mounts):
+    """The first digest of a volume is one pass over all its records: `cowfs
+    digest` makes it, `list` shows null until then and O(changes) steps after."""
+    main = mounts("main")
+    write(f"{main.path}/a", os.urandom(200_000))
+    cowfs("snapshot", store, "main@s1")
+    assert listing(store)["main@s1"]["digest"] is None
+    first = cowfs("digest", store, "main@s1").stdout.split()[0]
+    assert listing(store)["main@s1"]["digest"] == first
+    write(f"{main.path}/b", b"more")
+    cowfs("snapshot", store, "main@s2")
+    second = listing(store)["main@s2"]["digest"]          # one step from s1's
+    assert second not in (None, first)
+    assert cowfs("digest", store, "main@s2").stdout.split()[0] == second
