@@ -281,7 +281,7 @@ def test_policy_of_a_missing_volume(built):
 
 
 def test_cached_digest_of_a_missing_snapshot(built):
-    cowfs("list", built)                   # caches the digest of main@s1
+    cowfs("digest", built, "main@s1")       # computes and caches the digest of main@s1
     with Raw(built) as raw:
         assert len(raw.items("digests")) == 1
         raw.put("digests", schema.digest_key(vol_id(raw, "main"), 999), raw.items("digests")[0][1])
@@ -289,7 +289,7 @@ def test_cached_digest_of_a_missing_snapshot(built):
 
 
 def test_wrong_cached_digest_found_by_verify_data(built):
-    cowfs("list", built)
+    cowfs("digest", built, "main@s1")
     with Raw(built) as raw:
         key, value = raw.items("digests")[0]
         raw.put("digests", key, value[:1] + bytes(16))
