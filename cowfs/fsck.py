@@ -11,7 +11,7 @@ import stat
 
 import lmdb
 
-from . import catalog, digest, intent_log, log_replay, schema
+from . import catalog, digest, intent_log, log_replay, schema, snapshots
 from .errors import StoreError
 from .store import Store
 
@@ -310,8 +310,7 @@ def _check_tree(txn, env, vol_id: int, record: dict, report: Report) -> None:
                                f"but is listed in {dir_ino}")
                 seen_dirs.add(child)
                 todo.append(child)
-    orphans = {schema.split_vol_gen_key(bytes(k))[1] for k, _ in txn.cursor(db=env.orphans)
-               if bytes(k).startswith(schema.vol_prefix(vol_id))}
+    orphans = set(snapshots.orphans_of(txn, env, vol_id))
     for ino, (attrs, target) in inodes.items():
         _check_inode(txn, env, chain, name, ino, attrs, target, links, subdirs, orphans, report)
 

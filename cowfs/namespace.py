@@ -20,7 +20,7 @@ import stat
 import time
 from typing import Optional
 
-from . import catalog, schema, volumes
+from . import catalog, schema, snapshots, volumes
 from .chunks import ChunkBatch
 from .commit import DATA_FIELDS
 from .errors import FsError
@@ -331,10 +331,8 @@ class NamespaceOps:
 
     def recover_orphans(self) -> int:
         """Free inodes that were unlinked while open when the last daemon died."""
-        prefix = schema.u64(self.vol_id)
         with self.env.begin() as txn:
-            inos = [schema.read_u64(bytes(k), 8) for k, _ in txn.cursor(db=self.env.orphans)
-                    if bytes(k).startswith(prefix)]
+            inos = snapshots.orphans_of(txn, self.env, self.vol_id)
         for ino in inos:
             inode = self.get(ino)
             with self._change() as ch:
