@@ -309,10 +309,7 @@ class NamespaceOps:
         files opened since (the restarted server's) may use the grace.
         """
         ino, fills_at_open = self._file_handles[fh]
-        space = self.store.packs.space
-        if space.grace_open and space.fills > fills_at_open:
-            space.available()         # closes the grace if space is back meanwhile
-        if space.grace_open and space.fills > fills_at_open:
+        if self.store.packs.space.full_since(fills_at_open):
             raise FsError(errno.ENOSPC, f"store {self.store.path} filled up after this file was "
                                         f"opened; delete files or destroy snapshots ('cowfs df "
                                         f"{self.store.path}' shows what frees space)")

@@ -97,6 +97,15 @@ class SpaceBudget:
                         "buffered writes and a crash recovery; delete data to get space back",
                         self.path)
 
+    def full_since(self, fills_then: int) -> bool:
+        """Has the grace opened since `fills` read `fills_then`, and is it still
+        open? Measures the free space again only then: the grace may close
+        without a chunk write to notice it (see `available`)."""
+        if not (self.grace_open and self.fills > fills_then):
+            return False
+        self.available()
+        return self.grace_open
+
     def low(self) -> bool:
         """Is less than LOW_SPACE_FRACTION of the filesystem left for ordinary writes?"""
         st = os.statvfs(self.path)
